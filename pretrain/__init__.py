@@ -1,0 +1,1 @@
+"""X-VLM multi-grained pretraining: encoders, losses, box ops, config, distributed engine, checkpoints."""

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+# Never touch a model hub or the wandb servers from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REAL_FIXTURES = SHARED / "fixtures" / "real"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def real_fixtures():
+    """The real annotation excerpts in ../shared/fixtures/real; skip cleanly when absent."""
+    if not REAL_FIXTURES.is_dir():
+        pytest.skip(f"{REAL_FIXTURES} not present")
+    return REAL_FIXTURES
