@@ -1,0 +1,218 @@
+"""The image encoder (any timm model) and the BERT text encoder (the first `text_layers` BERT layers).
+
+The image side is timm's model as it is (no fork): `build_vision_encoder` creates it headless, and
+`vision_tokens` turns `forward_features` into one layout for every family: [CLS] first, then the patch tokens
+in row-major grid order ([B, 1+N, D]). Models without a class token (Swin, ConvNets) get the mean of their
+patch tokens as [CLS], as X-VLM does for Swin. The text side keeps BertModel's parameter names, so
+`BertModel.from_pretrained(dir).state_dict()` loads into it after stripping `encoder.`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import timm
+import torch
+from torch import Tensor, nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings
+
+from .bert_blocks import BertBlock, init_bert_weights, run_layers
+from .config import ConfigError, TextConfig, VisionConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Image encoder
+# ----------------------------------------------------------------------------------------------
+def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False) -> nn.Module:
+    """timm model `cfg.name` at `cfg.img_size`, headless (tokens out); weights from `cfg.checkpoint` when set."""
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, img_size=cfg.img_size, num_classes=0,
+                                  global_pool="", drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs)
+    except RuntimeError as e:       # timm: "Unknown model (...)"
+        raise ConfigError(f"model.vision.name: {e}") from None
+    except TypeError as e:          # a timm_kwargs entry the model does not take
+        raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
+    if cfg.checkpoint:
+        load_vision_weights(model, cfg.checkpoint)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: vision checkpoint not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user mistake
+        raise ConfigError(f"{p}: cannot read vision checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "module"):   # common wrappers (timm train script, DeepSpeed, MAE)
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    if not isinstance(sd, Mapping):
+        raise ConfigError(f"{p}: not a state dict")
+    return dict(sd)
+
+
+def load_vision_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Tensor]) -> None:
+    """Load a timm / safetensors state dict into `model`, resampling position embeddings to its grid.
+
+    The model family's own timm `checkpoint_filter_fn` does the adaptation (ViT: pos-embed and patch-embed
+    resampling, original/OpenAI-CLIP layouts; Swin: relative-position tables). Classifier heads are dropped.
+    Anything else that does not fit raises ConfigError naming the keys.
+    """
+    if isinstance(path_or_state_dict, (str, Path)):
+        sd, where = _read_state_dict(path_or_state_dict), str(path_or_state_dict)
+    else:
+        sd, where = dict(path_or_state_dict), "state dict"
+    sd = {k[len("vision."):] if k.startswith("vision.") else k: v for k, v in sd.items()}
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not (k.startswith(("head.", "fc_norm.")) and k not in own)}
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ConfigError(f"{where}: shapes do not fit {type(model).__name__}: {', '.join(bad[:3])}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{where}: does not fit {type(model).__name__}: missing {missing[:3]}"
+                          f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                          f"{'...' if len(unexpected) > 3 else ''}")
+
+
+def vision_tokens(model: nn.Module, images: Tensor) -> Tensor:
+    """[B, 3, S, S] -> [B, 1+N, D]: [CLS] then the N patch tokens in row-major order (registers dropped)."""
+    out = model.forward_features(images)
+    if out.ndim == 4:   # feature map: NHWC (Swin, timm >= 0.9) or NCHW (ConvNets)
+        if getattr(model, "output_fmt", "NCHW") != "NHWC":
+            out = out.permute(0, 2, 3, 1)
+        patches = out.flatten(1, 2)
+        cls = patches.mean(dim=1, keepdim=True)
+    else:
+        prefix = getattr(model, "num_prefix_tokens", 0)
+        patches = out[:, prefix:]
+        if getattr(model, "has_class_token", False):
+            cls = out[:, :1]
+        else:
+            cls = patches.mean(dim=1, keepdim=True)
+    return torch.cat([cls, patches], dim=1)
+
+
+def token_grid(num_patches: int) -> tuple[int, int]:
+    """(rows, cols) of a square patch grid with `num_patches` tokens (images are square here)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
+    return side, side
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoder
+# ----------------------------------------------------------------------------------------------
+def build_bert_config(cfg: TextConfig, vocab_size: int | None = None) -> BertConfig:
+    """BertConfig from the checkpoint dir `cfg.bert` when set, else from the size fields of `cfg`."""
+    if cfg.bert:
+        if not (Path(cfg.bert) / "config.json").is_file():
+            raise ConfigError(f"model.text.bert: {cfg.bert} is not a BERT checkpoint dir (no config.json)")
+        config = BertConfig.from_pretrained(cfg.bert)
+    else:
+        config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                            intermediate_size=cfg.intermediate_size,
+                            max_position_embeddings=max(512, cfg.max_len))
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    if not 0 < cfg.text_layers < config.num_hidden_layers:
+        raise ConfigError(f"model.text.text_layers={cfg.text_layers} must leave text and fusion layers out of "
+                          f"the BERT's {config.num_hidden_layers} layers")
+    if cfg.max_len > config.max_position_embeddings:
+        raise ConfigError(f"model.text.max_len={cfg.max_len} exceeds the BERT's "
+                          f"{config.max_position_embeddings} positions")
+    return config
+
+
+def read_bert_state_dict(bert_dir: str | Path) -> dict[str, Tensor]:
+    """The weights of a local BERT checkpoint dir (any BertModel / BertFor* layout) as BertModel keys."""
+    from transformers import BertModel
+    try:
+        model = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.text.bert: cannot load {bert_dir} ({str(e).splitlines()[0]})") from None
+    return model.state_dict()
+
+
+def load_bert_layers(module: nn.Module, sd: Mapping[str, Tensor], first_layer: int,
+                     new_prefixes: tuple[str, ...] = (), with_embeddings: bool = False) -> None:
+    """Copy BertModel weights `encoder.layer.{first_layer + i}` into `module.layer.{i}` (and embeddings).
+
+    Keys under `new_prefixes` (e.g. cross-attention) are expected to be missing; anything else missing is an
+    error. A word-embedding table of another vocabulary size is copied over the rows both share.
+    """
+    own = module.state_dict()
+    mapped: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("encoder.layer."):
+            idx, rest = k[len("encoder.layer."):].split(".", 1)
+            j = int(idx) - first_layer
+            name = f"layer.{j}.{rest}"
+            if name in own:
+                mapped[name] = v
+        elif with_embeddings and k.startswith("embeddings.") and k in own:
+            mapped[k] = v
+    word = "embeddings.word_embeddings.weight"
+    if word in mapped and mapped[word].shape != own[word].shape:
+        table = own[word].clone()
+        n = min(table.shape[0], mapped[word].shape[0])
+        table[:n] = mapped[word][:n]
+        mapped[word] = table
+    missing = [k for k in own if k not in mapped and not any(p in k for p in new_prefixes)]
+    if missing:
+        raise ConfigError(f"model.text.bert: checkpoint lacks {missing[:3]} for {type(module).__name__}")
+    module.load_state_dict(mapped, strict=False)
+
+
+class TextEncoder(nn.Module):
+    """BERT embeddings + layers [0, text_layers), bidirectional with a padding mask -> [B, L, d]."""
+
+    def __init__(self, config: BertConfig, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layer = nn.ModuleList(BertBlock(config) for _ in range(num_layers))
+        self.grad_checkpointing = False
+        init_bert_weights(self, config.initializer_range)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        x = self.embeddings(input_ids=input_ids)
+        return run_layers(self.layer, x, self.grad_checkpointing, attention_mask)
+
+
+def build_text_encoder(cfg: TextConfig, vocab_size: int | None = None, *,
+                       bert_state_dict: Mapping[str, Tensor] | None = None) -> TextEncoder:
+    """TextEncoder of `cfg.text_layers` layers; weights from `cfg.bert` (its first layers) when set.
+
+    `bert_state_dict` lets a caller that also builds the fusion encoder read the checkpoint once.
+    """
+    config = build_bert_config(cfg, vocab_size)
+    enc = TextEncoder(config, cfg.text_layers)
+    if cfg.bert:
+        sd = bert_state_dict if bert_state_dict is not None else read_bert_state_dict(cfg.bert)
+        load_bert_layers(enc, sd, first_layer=0, with_embeddings=True)
+    return enc

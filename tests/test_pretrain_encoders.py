@@ -1,0 +1,105 @@
+"""Image and text encoders: token layouts for ViT and Swin, checkpoint loading, bidirectional text layers."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from pretrain.config import ConfigError, TextConfig, VisionConfig
+from pretrain.encoders import (build_bert_config, build_text_encoder, build_vision_encoder, load_vision_weights,
+                               vision_tokens)
+
+SWIN_KW = {"embed_dim": 32, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
+
+
+@pytest.mark.parametrize("img", [64, 96])
+def test_vit_tokens_shape(img):
+    model = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=img))
+    tok = vision_tokens(model, torch.randn(2, 3, img, img))
+    assert tok.shape == (2, 1 + (img // 16) ** 2, 192) and tok.dtype == torch.float32
+
+
+def test_swin_tokens_mean_cls_first():
+    model = build_vision_encoder(VisionConfig(name="swin_tiny_patch4_window7_224", img_size=64,
+                                              timm_kwargs=SWIN_KW))
+    tok = vision_tokens(model, torch.randn(2, 3, 64, 64))
+    assert tok.shape == (2, 1 + 8 * 8, 64)
+    assert torch.allclose(tok[:, 0], tok[:, 1:].mean(1), atol=1e-6)
+
+
+def test_vision_grad_checkpointing_same_output_and_grads():
+    torch.manual_seed(0)
+    cfg = VisionConfig(name="vit_tiny_patch16_224", img_size=32)
+    a = build_vision_encoder(cfg)
+    b = build_vision_encoder(cfg, grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    ya, yb = vision_tokens(a, x), vision_tokens(b, x)
+    ya.sum().backward(), yb.sum().backward()
+    assert torch.allclose(ya, yb, atol=1e-5)
+    assert torch.allclose(a.patch_embed.proj.weight.grad, b.patch_embed.proj.weight.grad, atol=1e-4)
+
+
+def test_vision_weights_resampled_to_new_grid(tmp_path):
+    from safetensors.torch import save_file
+    src = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64))
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=96, checkpoint=str(path)))
+    assert dst.pos_embed.shape == (1, 1 + 36, 192)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])        # cls position kept
+
+
+def test_vision_weights_mismatch_is_a_clear_error(tmp_path):
+    other = build_vision_encoder(VisionConfig(name="vit_small_patch16_224", img_size=32))
+    model = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=32))
+    with pytest.raises(ConfigError, match="shapes do not fit"):
+        load_vision_weights(model, other.state_dict())
+    with pytest.raises(ConfigError, match="not found"):
+        load_vision_weights(model, tmp_path / "missing.pt")
+
+
+def tiny_text_cfg(**kw):
+    base = dict(vocab_size=100, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, text_layers=2,
+                max_len=16)
+    base.update(kw)
+    return TextConfig(**base)
+
+
+def test_text_encoder_loads_bert_dir_first_layers(tmp_path):
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                intermediate_size=64), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    enc = build_text_encoder(tiny_text_cfg(bert=str(tmp_path / "bert")))
+    sd = bert.state_dict()
+    assert len(enc.layer) == 2
+    for k, v in enc.state_dict().items():
+        src = k.replace("layer.", "encoder.layer.", 1) if k.startswith("layer.") else k
+        assert torch.equal(v, sd[src]), k
+    # same numbers as BertModel itself on an unpadded input
+    bert.encoder.layer = bert.encoder.layer[:2]
+    ids = torch.randint(1, 100, (2, 7))
+    enc.eval(), bert.eval()
+    ref = bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.allclose(enc(ids, torch.ones_like(ids)), ref, atol=1e-5)
+
+
+def test_text_encoder_padding_is_ignored_and_bidirectional():
+    torch.manual_seed(0)
+    enc = build_text_encoder(tiny_text_cfg()).eval()
+    ids = torch.randint(1, 100, (1, 8))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    out = enc(ids, mask)
+    ids2 = ids.clone()
+    ids2[0, 6] = (ids[0, 6] + 1) % 100          # a padded token: no effect on real tokens
+    assert torch.allclose(enc(ids2, mask)[0, :5], out[0, :5], atol=1e-6)
+    ids3 = ids.clone()
+    ids3[0, 4] = (ids[0, 4] + 1) % 100          # a later real token: changes token 0
+    assert not torch.allclose(enc(ids3, mask)[0, 0], out[0, 0], atol=1e-4)
+
+
+def test_bert_config_errors():
+    with pytest.raises(ConfigError, match="text_layers"):
+        build_bert_config(tiny_text_cfg(text_layers=4))
+    with pytest.raises(ConfigError, match="not a BERT checkpoint"):
+        build_bert_config(tiny_text_cfg(bert="/nonexistent/bert"))
