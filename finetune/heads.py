@@ -1,0 +1,61 @@
+"""VG-LAW's multi-task head: language adaptive pooling + MLP for the box (REC), transposed-conv upsampling +
+per-pixel dot product with the expression's [CLS] feature for the mask (RES)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+
+class LanguageAdaptivePooling(nn.Module):
+    """One attention head: query from the text [CLS], keys from the visual tokens (both to k dims), values the
+    raw visual tokens; softmax over positions."""
+
+    def __init__(self, vis_dim: int, text_dim: int, k: int = 64) -> None:
+        super().__init__()
+        self.query = nn.Linear(text_dim, k)
+        self.key = nn.Linear(vis_dim, k)
+        self.scale = 1.0 / math.sqrt(k)
+
+    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual [B,N,C], cls [B,d_l] -> pooled [B,C], attention [B,N] (sums to 1)."""
+        logits = torch.einsum("bnk,bk->bn", self.key(visual), self.query(cls)) * self.scale
+        attn = logits.float().softmax(-1).to(visual.dtype)
+        return torch.einsum("bn,bnc->bc", attn, visual), attn
+
+
+class RecHead(nn.Module):
+    """LAP -> 3-layer MLP (C -> hidden -> hidden -> 4) -> sigmoid: box (cx, cy, w, h) in [0, 1]."""
+
+    def __init__(self, vis_dim: int, text_dim: int, k: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.pool = LanguageAdaptivePooling(vis_dim, text_dim, k)
+        self.mlp = nn.Sequential(nn.Linear(vis_dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+
+    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, attn = self.pool(visual, cls)
+        return self.mlp(pooled).sigmoid(), attn
+
+
+class ResHead(nn.Module):
+    """ConvT(C->hidden, 2, 2) -> LN -> GELU -> ConvT(hidden->C, 2, 2) gives pixel embeddings at 1/4 of the input
+    (from /16 tokens); their dot product with the projected [CLS] is the mask logit, bilinearly resized to the
+    input size."""
+
+    def __init__(self, vis_dim: int, text_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(vis_dim, hidden, 2, 2), LayerNorm2d(hidden), nn.GELU(),
+                                nn.ConvTranspose2d(hidden, vis_dim, 2, 2))
+        self.text_proj = nn.Linear(text_dim, vis_dim)
+
+    def forward(self, visual: torch.Tensor, hw: tuple[int, int], cls: torch.Tensor,
+                out_size: tuple[int, int]) -> torch.Tensor:
+        """visual [B,N,C] on grid hw, cls [B,d_l] -> mask logits [B, *out_size]."""
+        B, N, C = visual.shape
+        fmap = self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
+        logits = torch.einsum("bchw,bc->bhw", fmap, self.text_proj(cls)) / math.sqrt(C)
+        return F.interpolate(logits[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
