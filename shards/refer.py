@@ -1,0 +1,223 @@
+"""The RefCOCO family as lichengunc/refer lays it out: `<root>/<dataset>/refs(<split_by>).p` + `instances.json`.
+
+Reads refcoco / refcoco+ / refcocog (umd, google) / refclef (unc, berkeley) into shard `Item`s (one per image
+and split, holding all refs of that image in that split), and computes the leakage exclusion set of
+DATA_FORMATS.md §2.2: every image of a non-train split of RefCOCO (unc), RefCOCO+ (unc) and RefCOCOg (umd).
+
+The refs pickles are Python-2 pickles in the wild: they are opened with a restricted unpickler (plain
+containers and scalars only, never arbitrary globals) and fall back to `encoding="latin1"` when Python-2
+byte strings are not ASCII. Boxes and masks are not in the pickle: they come from instances.json by ann_id.
+The image path is built from image_id, never from the pickle's `file_name` (whose suffix is not the ann_id
+in refcoco).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from shards.build import Item
+from shards.inputs import InputError, load_json, require_list
+from shards.schema import make_key
+
+DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
+SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
+             "refclef": ("unc", "berkeley")}
+# DATA_FORMATS §2.2: the evaluation splits whose images must never be seen in pretraining.
+EXCLUSION_SOURCES = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"))
+GOOGLE_SOURCES = (("refcoco", "google"), ("refcocog", "google"))
+_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+
+
+class ReferFormatError(InputError, ValueError):
+    """A missing or malformed refer file; str() is `<file>: <problem>` (the CLI prints it, exit code 2)."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """refs pickles hold only lists, dicts, strings and numbers: refuse any global (no code execution)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+def _unpickle(data: bytes, encoding: str) -> Any:
+    return _PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+def _repair_utf8(obj: Any) -> Any:
+    """Undo latin1 decoding of Python-2 UTF-8 byte strings ("cafÃ©" -> "café") where that is unambiguous:
+    the latin1 bytes form valid UTF-8. Anything else is kept as it is."""
+    if isinstance(obj, str):
+        try:
+            return obj.encode("latin1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return obj
+    if isinstance(obj, list):
+        return [_repair_utf8(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_repair_utf8(k): _repair_utf8(v) for k, v in obj.items()}
+    return obj
+
+
+def load_refs(path: str | Path) -> list[dict]:
+    """The list of ref dicts in a `refs(<split_by>).p` file (any pickle protocol, Python 2 or 3)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReferFormatError(p, "no such file" if not p.exists() else "not a file")
+    data = p.read_bytes()
+    try:
+        try:
+            refs = _unpickle(data, "ASCII")
+        except UnicodeDecodeError:  # Python-2 str holding non-ASCII bytes
+            refs = _repair_utf8(_unpickle(data, "latin1"))
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError) as e:
+        raise ReferFormatError(p, f"not a refer refs pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(refs, list):
+        raise ReferFormatError(p, f"expected a pickled list of refs, found {type(refs).__name__}")
+    for i, r in enumerate(refs):
+        missing = [k for k in _REF_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ReferFormatError(p, f"ref {i} lacks key(s) {', '.join(missing)}")
+    return refs
+
+
+def load_instances(path: str | Path) -> dict:
+    """A refer `instances.json` (COCO-style; `images` and `annotations` lists required)."""
+    try:
+        data = load_json(path, dict)
+        for key in ("images", "annotations"):
+            require_list(path, data, key)
+    except InputError as e:
+        raise ReferFormatError(e.path, e.problem) from None
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or "id" not in a or "bbox" not in a:
+            raise ReferFormatError(path, f"annotations[{i}] lacks 'id' or 'bbox'")
+    return data
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def refs_path(refer_root: str | Path, dataset: str, split_by: str) -> Path:
+    return Path(refer_root) / dataset / f"refs({split_by}).p"
+
+
+def excluded_image_ids(refer_root: str | Path, *, google: bool = False) -> tuple[set[int], dict]:
+    """Image ids of every non-train ref of RefCOCO (unc), RefCOCO+ (unc) and RefCOCOg (umd) found under
+    `refer_root` (plus the google splits when `google`), and their provenance: which refs files were
+    used with their sha256 and counts, and which were absent."""
+    root = Path(refer_root)
+    if not root.is_dir():
+        raise ReferFormatError(root, "no such directory" if not root.exists() else "not a directory")
+    sources = EXCLUSION_SOURCES + (GOOGLE_SOURCES if google else ())
+    ids: set[int] = set()
+    used, missing = [], []
+    for dataset, split_by in sources:
+        p = refs_path(root, dataset, split_by)
+        if not p.is_file():
+            missing.append(str(p.relative_to(root)))
+            continue
+        refs = load_refs(p)
+        mine = {int(r["image_id"]) for r in refs if r["split"] != "train"}
+        ids |= mine
+        used.append({"file": str(p.relative_to(root)), "sha256": _sha256(p), "refs": len(refs),
+                     "non_train_refs": sum(r["split"] != "train" for r in refs), "images": len(mine)})
+    if not used:
+        raise ReferFormatError(root, "holds none of " + ", ".join(
+            str(refs_path(".", d, s))[2:] for d, s in sources))
+    provenance = {"rule": "image_id of every ref whose split is not 'train' (DATA_FORMATS.md 2.2)",
+                  "files": used, "missing": missing}
+    return ids, provenance
+
+
+def save_exclusion(path: str | Path, ids: set[int], provenance: dict) -> None:
+    """Write the exclusion set as a sorted id list with its provenance (JSON)."""
+    Path(path).write_text(json.dumps({"image_ids": sorted(ids), "provenance": provenance}, indent=1))
+
+
+def image_path(images_dir: str | Path, dataset: str, image_id: int) -> Path | None:
+    """The image file of `image_id`, built from the id (never from the refs' `file_name`): COCO train2014
+    names for refcoco*, SAIAPR-TC12 `XX/images/<id>.jpg` or flat `<id>.jpg` for refclef. None if absent."""
+    d = Path(images_dir)
+    if dataset == "refclef":
+        sub = f"{image_id // 1000:02d}"
+        candidates = (d / "saiapr_tc-12" / sub / "images" / f"{image_id}.jpg",
+                      d / sub / "images" / f"{image_id}.jpg", d / f"{image_id}.jpg")
+    else:
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        # the refer layout (train2014/ itself or its parent), or a train2017 folder (same ids)
+        candidates = (d / name, d / "train2014" / name, d / f"{image_id:012d}.jpg")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _sentences(ref: dict) -> list[str]:
+    return [s["sent"] if isinstance(s, dict) else s for s in ref["sentences"]
+            if isinstance(s, str) or (isinstance(s, dict) and "sent" in s)]
+
+
+def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path, *,
+                  exclude_ids: set[int] | None = None
+                  ) -> tuple[dict[str, list[Item]], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Shard items per split: `(items_by_split, skips_by_split, counts_by_split)`.
+
+    One Item per (split, image) holding all refs of that image in that split, in ref_id order; items are
+    sorted by image_id. Each ref carries ref_id, ann_id, category_id, split, bbox and segmentation (from
+    instances.json, joined by ann_id) and sentences (the tokenised `sent` strings). Refs whose annotation or
+    image is missing are skipped and counted by reason; with `exclude_ids`, train refs on those images
+    are dropped too (MDETR's "safe train" rule) and counted.
+    """
+    if dataset not in DATASETS:
+        raise ReferFormatError(dataset, f"unknown dataset (expected one of {', '.join(DATASETS)})")
+    if split_by not in SPLIT_BYS[dataset]:
+        raise ReferFormatError(f"{dataset}/refs({split_by}).p",
+                               f"{dataset} has no {split_by!r} split (expected {' or '.join(SPLIT_BYS[dataset])})")
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise ReferFormatError(images_dir, "no such directory" if not images_dir.exists() else "not a directory")
+    refs = load_refs(refs_path(refer_root, dataset, split_by))
+    inst_path = Path(refer_root) / dataset / "instances.json"
+    inst = load_instances(inst_path)
+    anns = {a["id"]: a for a in inst["annotations"]}
+    sizes = {im["id"]: (int(im["width"]), int(im["height"])) for im in inst["images"]
+             if isinstance(im, dict) and {"id", "width", "height"} <= im.keys()}
+
+    skips: dict[str, Counter] = defaultdict(Counter)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for ref in sorted(refs, key=lambda r: r["ref_id"]):
+        split, image_id = str(ref["split"]), int(ref["image_id"])
+        counts[split]["refs_in_file"] += 1
+        counts[split]["sentences_in_file"] += len(ref["sentences"])
+        ann = anns.get(ref["ann_id"])
+        if ann is None:
+            skips[split]["ref_ann_missing"] += 1
+            continue
+        if exclude_ids and split == "train" and image_id in exclude_ids:
+            skips[split]["ref_image_in_eval_split"] += 1
+            continue
+        groups[(split, image_id)].append({
+            "ref_id": ref["ref_id"], "ann_id": ref["ann_id"],
+            "category_id": ref.get("category_id", ann.get("category_id")), "split": split,
+            "bbox": ann["bbox"], "sentences": _sentences(ref), "segmentation": ann.get("segmentation")})
+
+    by_split: dict[str, list[Item]] = {s: [] for s in counts}
+    for (split, image_id), split_refs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        counts[split]["images_in_file"] += 1
+        path = image_path(images_dir, dataset, image_id)
+        if path is None:
+            skips[split]["ref_image_missing"] += len(split_refs)
+            continue
+        record = {"source": dataset, "image_id": str(image_id), "refs": split_refs}
+        by_split[split].append(Item(make_key(dataset, image_id), str(path), record, sizes.get(image_id)))
+    return (by_split, {s: dict(sorted(c.items())) for s, c in skips.items()},
+            {s: dict(sorted(c.items())) for s, c in counts.items()})
