@@ -1,0 +1,58 @@
+"""The demo's data stage: synthetic raw datasets -> every shard set, through the real command lines.
+
+``build_demo_shards(out)`` writes ``out/raw/`` (shards.synthetic) and ``out/shards/<source>/`` (coco and
+vg with the RefCOCO exclusion, cc3m from the img2dataset output, objects365, and refcoco per split), by
+running exactly the ``python -m shards ...`` commands a user would. The end-to-end demo (finetune.demo)
+calls it; ``python -m shards demo --out DIR`` runs it alone.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from shards.__main__ import build_parser, run
+from shards.inspect import shard_dirs
+from shards.manifest import read_manifest
+
+
+def demo_commands(raw: Path, shards: Path, workers: int) -> list[list[str]]:
+    """The converter command lines (argv after ``python -m shards``) that build the demo's shard sets."""
+    coco, vg, o365, refer = raw / "coco", raw / "vg", raw / "objects365", raw / "refer"
+    common = ["--workers", str(workers)]
+    return [
+        ["coco", "--images", f"{coco}/train2017", "--captions", f"{coco}/annotations/captions_train2017.json",
+         "--instances", f"{coco}/annotations/instances_train2017.json", "--exclude-refer", str(refer),
+         "--out", f"{shards}/coco", *common],
+        ["vg", "--images", str(vg), "--image-data", f"{vg}/image_data.json", "--regions",
+         f"{vg}/region_descriptions.json", "--objects", f"{vg}/objects.json", "--exclude-refer", str(refer),
+         "--out", f"{shards}/vg", *common],
+        ["img2dataset", "--input", f"{raw}/cc3m", "--source", "cc3m", "--out", f"{shards}/cc3m", *common],
+        ["objects365", "--images", str(o365), "--annotations", f"{o365}/zhiyuan_objv2_train.json",
+         "--out", f"{shards}/objects365", *common],
+        ["refcoco", "--refer-root", str(refer), "--dataset", "refcoco", "--split-by", "unc",
+         "--images", f"{refer}/images/train2014", "--out", f"{shards}/refcoco", *common],
+    ]
+
+
+def build_demo_shards(out: Path, seed: int = 0, images: int | None = None, workers: int = 2) -> dict[str, dict]:
+    """Generate the raw data and build all shard sets; returns the manifests keyed by each set's path
+    under ``out/shards`` ("coco", "vg", "cc3m", "objects365", "refcoco/<split>")."""
+    from shards.synthetic import generate
+
+    out = Path(out)
+    raw, shards = out / "raw", out / "shards"
+    t0 = time.perf_counter()
+    print(f"[shards demo] drawing the synthetic raw datasets into {raw}", flush=True)
+    generate(raw, seed=seed, images=images)
+    parser = build_parser()
+    manifests: dict[str, dict] = {}
+    for argv in demo_commands(raw, shards, workers):
+        t = time.perf_counter()
+        print(f"[shards demo] python -m shards {' '.join(argv)}", flush=True)
+        run(parser.parse_args(argv))
+        dest = Path(argv[argv.index("--out") + 1])
+        for d in shard_dirs(dest):
+            manifests[d.relative_to(shards).as_posix()] = read_manifest(d)
+        print(f"[shards demo]   done in {time.perf_counter() - t:.1f}s", flush=True)
+    print(f"[shards demo] {len(manifests)} shard sets under {shards} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return manifests
