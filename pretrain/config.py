@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override (unknown key, wrong type, bad value)."""
 
 
+SCHEDULES = ("linear", "cosine", "step", "constant")
+PRECISIONS = ("bf16", "fp32", "fp16")
+
+
 # ----------------------------------------------------------------------------------------------
 # Sections shared by both stages
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +69,18 @@ class OptimConfig:
     grad_clip: float = 1.0
     fused: bool = True                      # torch fused AdamW on CUDA
 
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.total_steps < 1:
+            raise ConfigError(f"optim.total_steps: must be >= 1, got {self.total_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+
 
 @dataclass
 class EngineConfig:
@@ -76,6 +92,21 @@ class EngineConfig:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False                   # torch.compile the task module
+    global_batch_size: Optional[int] = None  # if set, grad_accum = global / (micro batch x world size), exactly
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"engine.grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"engine.global_batch_size: must be >= 1, got {self.global_batch_size}")
+        if (self.offload_optimizer or self.offload_params) and self.deepspeed and self.zero_stage == 0:
+            raise ConfigError("engine.offload_*: offloading needs engine.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("engine.offload_params: parameter offload needs engine.zero_stage=3")
 
 
 @dataclass
@@ -85,6 +116,11 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: list = field(default_factory=list)
+    init_timeout: float = 60.0              # seconds; wandb falls back to disabled when init takes longer
+
+    def validate(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"run.wandb.mode: expected offline, online or disabled, got {self.mode!r}")
 
 
 @dataclass
@@ -93,12 +129,20 @@ class RunConfig:
     seed: int = 42
     log_every: int = 10
     save_every: int = 1000
+    eval_every: int = 0                     # 0: evaluate only at the end (when the stage passes an evaluate fn)
     keep_checkpoints: int = 2
     resume: Optional[str] = "latest"        # latest | <checkpoint dir> | null
     export: bool = True                     # write consolidated safetensors at the end
     max_nan_steps: int = 5                  # stop after this many non-finite losses in a row
     requeue_exit_code: int = 124            # exit code after a preemption checkpoint (sbatch requeues on it)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        for name in ("log_every", "save_every", "keep_checkpoints", "max_nan_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.requeue_exit_code < 256:
+            raise ConfigError(f"run.requeue_exit_code: must be in 1..255, got {self.requeue_exit_code}")
 
 
 # ----------------------------------------------------------------------------------------------

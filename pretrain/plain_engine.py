@@ -1,0 +1,95 @@
+"""A single-process PyTorch stand-in for the DeepSpeed engine (`engine.deepspeed: false`).
+
+It exposes the few DeepSpeedEngine methods the loop uses (forward, backward, step, save/load_checkpoint,
+gradient accumulation boundaries) so that one loop serves both; checkpoints use DeepSpeed's file name and
+top-level layout (`<tag>/mp_rank_00_model_states.pt` with "module", "optimizer", "lr_scheduler" and the client
+state merged in), so `load_consolidated` reads both. Used to measure DeepSpeed's overhead and by users without
+DeepSpeed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.checkpoint import MODEL_STATES
+
+
+class PlainEngine:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, *, grad_accum: int, grad_clip: float,
+                 precision: str, device: torch.device):
+        self.module = module
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.device = device
+        self.precision = precision
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def __call__(self, *args, **kwargs):
+        with self._autocast():
+            return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "PlainEngine":
+        self.module.train(mode)
+        return self
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> bool:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
+                 "micro_steps": self.micro_steps, **client_state}
+        tmp = d / (MODEL_STATES + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, d / MODEL_STATES)
+        return True
+
+    def load_checkpoint(self, load_dir: str, tag: str):
+        path = Path(load_dir) / tag / MODEL_STATES
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state.pop("module"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
+        self.global_steps = state.pop("global_steps")
+        self.micro_steps = state.pop("micro_steps")
+        return str(path), state

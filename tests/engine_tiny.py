@@ -1,0 +1,81 @@
+"""A tiny task + deterministic synthetic loader driving pretrain.engine.train; run as a script by the engine tests
+(`python tests/engine_tiny.py --config X k=v ...` or under torchrun) so real processes can be killed/signalled.
+
+Batches depend only on (seed, epoch, batch index, rank): a resumed run sees exactly the batches the
+uninterrupted run saw. ENGINE_TINY_NAN="3,4" makes global batches 3 and 4 of epoch 0 non-finite;
+ENGINE_TINY_SLEEP=0.2 slows each step down so a test can signal mid-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import PretrainConfig, load_config  # noqa: E402
+from pretrain.engine import train  # noqa: E402
+
+DIM, VOCAB, SEQ = 16, 50, 6
+
+
+class TinyTask(nn.Module):
+    """Embedding + MLP with LayerNorm, dropout and a [1]-shaped temperature: every parameter kind the optimizer
+    groups distinguish, plus RNG use (dropout) so resume must restore RNG state to match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.body = nn.Sequential(nn.Linear(2 * DIM, DIM), nn.LayerNorm(DIM), nn.GELU(), nn.Dropout(0.1))
+        self.head = nn.Linear(DIM, 1)
+        self.temp = nn.Parameter(torch.ones([1]))
+
+    def lr_multipliers(self) -> dict[str, float]:
+        return {"head.": 2.0}
+
+    def forward(self, batch: dict) -> dict:
+        text = self.embed(batch["tokens"]).mean(1)
+        h = self.body(torch.cat([batch["image"], text.to(batch["image"].dtype)], -1))
+        pred = self.head(h).squeeze(-1) * self.temp
+        mse = ((pred.float() - batch["target"].float()) ** 2).mean()
+        return {"loss": mse, "mse": mse.detach()}
+
+
+def make_batch(seed: int, epoch: int, index: int, rank: int, size: int) -> dict:
+    g = torch.Generator().manual_seed(hash((seed, epoch, index, rank)) % (2 ** 31))
+    image = torch.randn(size, DIM, generator=g)
+    batch = {"image": image, "tokens": torch.randint(0, VOCAB, (size, SEQ), generator=g),
+             "target": image[:, 0] * 0.5 + 0.1}
+    nan = {int(x) for x in os.environ.get("ENGINE_TINY_NAN", "").split(",") if x}
+    if epoch == 0 and index in nan:
+        batch["image"] = batch["image"] * float("nan")
+    return batch
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(PretrainConfig, argv[0], argv[1:])
+    torch.manual_seed(cfg.run.seed)
+    task = TinyTask()
+    rank = int(os.environ.get("RANK", 0))
+    sleep = float(os.environ.get("ENGINE_TINY_SLEEP", "0"))
+
+    def make_loader(epoch: int, start: int):
+        for i in range(start, cfg.data.batches_per_epoch):
+            if sleep:
+                time.sleep(sleep)
+            yield make_batch(cfg.run.seed, epoch, i, rank, cfg.data.batch_size)
+
+    summary = train(cfg, task, make_loader, batches_per_epoch=cfg.data.batches_per_epoch)
+    if rank == 0:
+        Path(cfg.run.out_dir, "summary.json").write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    assert sys.argv[1] == "--config"
+    sys.exit(main(sys.argv[2:]))
