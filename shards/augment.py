@@ -1,0 +1,252 @@
+"""Image augmentations of both stages, on uint8 CHW tensors with `torchvision.transforms.v2`.
+
+Randomness comes from an explicit `numpy.random.Generator` (never torch's global RNG), so a loader can
+replay or skip samples deterministically. Geometry that moves boxes and masks goes through
+`tv_tensors.BoundingBoxes` / `tv_tensors.Mask` and the v2 functional kernels, never hand-written.
+
+Pretraining (X-VLM):
+- `image_text_view`: random resized crop (scale 0.2-1, drawn from the stored size *before* decoding, so the
+  JPEG is decoded at the smallest DCT scale that still covers the crop), horizontal flip, RandomAugment.
+- `plan_region_crop` + `region_view`: a random crop that contains one chosen box; every other box is kept
+  only if more than half of it survives; boxes as normalised (cx, cy, w, h) of the final image;
+  photometric RandomAugment (plus X-VLM's flip with left/right swapped in the texts).
+Grounding (VG-LAW): `grounding_view`: optional target-keeping crop, flip with word swap, longer side to
+`size` and a letterbox (random translation in training, centred in evaluation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from shards.decode import decode_image
+from shards.text import swap_left_right
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PHOTOMETRIC_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness")
+GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+_BICUBIC = InterpolationMode.BICUBIC
+
+
+def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [...,3,H,W] -> float32 normalised."""
+    x = img.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def rand_augment(img: torch.Tensor, rng: np.random.Generator, *, n_ops: int = 2, magnitude: int = 7,
+                 geometric: bool = False) -> torch.Tensor:
+    """X-VLM's `RandomAugment(2, 7)`: `n_ops` ops drawn uniformly, each applied with probability 0.5, at the
+    ALBEF/X-VLM level mapping (brightness/sharpness factor 0.1 + 1.8 m/10, shear 0.3 m/10, translate 10 m/10 px,
+    rotate 30 m/10 degrees, geometric signs random). uint8 [3,H,W] in and out."""
+    ops = PHOTOMETRIC_OPS + (GEOMETRIC_OPS if geometric else ())
+    level = magnitude / 10.0
+    for k in rng.integers(0, len(ops), size=n_ops):
+        if rng.random() >= 0.5:
+            continue
+        op = ops[k]
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        if op == "autocontrast":
+            img = F.autocontrast(img)
+        elif op == "equalize":
+            img = F.equalize(img)
+        elif op == "brightness":
+            img = F.adjust_brightness(img, 0.1 + 1.8 * level)
+        elif op == "sharpness":
+            img = F.adjust_sharpness(img, 0.1 + 1.8 * level)
+        elif op == "shear_x":
+            img = F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(sign * 0.3 * level)), 0.0], fill=128)
+        elif op == "shear_y":
+            img = F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(sign * 0.3 * level))], fill=128)
+        elif op == "translate_x":
+            img = F.affine(img, angle=0.0, translate=[int(sign * 10 * level), 0], scale=1.0, shear=[0.0, 0.0], fill=128)
+        elif op == "translate_y":
+            img = F.affine(img, angle=0.0, translate=[0, int(sign * 10 * level)], scale=1.0, shear=[0.0, 0.0], fill=128)
+        elif op == "rotate":
+            img = F.rotate(img, angle=sign * 30.0 * level, fill=128)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text view
+# ----------------------------------------------------------------------------------------------
+def resized_crop_params(width: int, height: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.2, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params` drawn from `rng`: (x, y, w, h) in stored pixels."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height                              # fallback: central crop
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _min_decode_size(width: int, height: int, crop_w: float, crop_h: float, out: int) -> tuple[int, int]:
+    """Smallest full-image size whose crop still has >= `out` pixels on both sides (for DCT downscaling)."""
+    s = min(1.0, max(out / max(crop_w, 1e-6), out / max(crop_h, 1e-6)))
+    return math.ceil(width * s), math.ceil(height * s)
+
+
+def _decode_for_crop(data: bytes, width: int, height: int, crop: tuple[float, float, float, float],
+                     size: int, decoder: str, reduce: bool) -> tuple[torch.Tensor, float, float]:
+    """Decode (downscaled when allowed) and return (image, sx, sy): decoded px = stored px * (sx, sy)."""
+    min_size = _min_decode_size(width, height, crop[2], crop[3], size) if reduce else None
+    img = decode_image(data, decoder, min_size)
+    return img, img.shape[-1] / width, img.shape[-2] / height
+
+
+def image_text_view(data: bytes, width: int, height: int, rng: np.random.Generator, *, size: int = 224,
+                    decoder: str = "pil", reduce: bool = True, scale: tuple[float, float] = (0.2, 1.0),
+                    hflip_prob: float = 0.5, augment: bool = True) -> tuple[torch.Tensor, bool]:
+    """Random resized crop + flip + RandomAugment of one stored image: (uint8 [3,S,S], flipped)."""
+    x, y, w, h = resized_crop_params(width, height, rng, scale)
+    flip = bool(rng.random() < hflip_prob)
+    img, sx, sy = _decode_for_crop(data, width, height, (x, y, w, h), size, decoder, reduce)
+    img = F.resized_crop(img, top=int(round(y * sy)), left=int(round(x * sx)), height=max(1, int(round(h * sy))),
+                         width=max(1, int(round(w * sx))), size=[size, size], interpolation=_BICUBIC, antialias=True)
+    if flip:
+        img = F.horizontal_flip(img)
+    if augment:
+        img = rand_augment(img, rng, geometric=True)
+    return img, flip
+
+
+# ----------------------------------------------------------------------------------------------
+# Region view
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RegionPlan:
+    """A region crop decided from the JSON alone (before decoding): crop (x0, y0, x1, y1) in stored pixels,
+    the kept (text, box [x, y, w, h] in stored pixels, clipped to the crop) pairs, and the flip."""
+    crop: tuple[int, int, int, int]
+    texts: list[str] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    flip: bool = False
+
+
+def plan_region_crop(width: int, height: int, regions: Sequence[tuple[Sequence[float], str]],
+                     rng: np.random.Generator, *, max_texts: int = 5, hflip_prob: float = 0.5) -> Optional[RegionPlan]:
+    """X-VLM's region sampling: a random crop containing one randomly chosen box; boxes visited in random order
+    and kept when > 50% of their area survives, up to `max_texts`. Returns None if no valid box."""
+    valid = [(b, t) for b, t in regions if b[2] > 0 and b[3] > 0 and b[0] >= 0 and b[1] >= 0
+             and b[0] + b[2] <= width + 1e-3 and b[1] + b[3] <= height + 1e-3]
+    if not valid:
+        return None
+    bx, by, bw, bh = valid[int(rng.integers(0, len(valid)))][0]
+    x0 = int(rng.integers(0, math.floor(bx) + 1))
+    y0 = int(rng.integers(0, math.floor(by) + 1))
+    x1 = int(rng.integers(min(math.ceil(bx + bw), width), width + 1))
+    y1 = int(rng.integers(min(math.ceil(by + bh), height), height + 1))
+    plan = RegionPlan(crop=(x0, y0, x1, y1), flip=bool(rng.random() < hflip_prob))
+    for k in rng.permutation(len(valid)):
+        if len(plan.texts) >= max_texts:
+            break
+        (x, y, w, h), text = valid[k]
+        ix0, iy0, ix1, iy1 = max(x0, x), max(y0, y), min(x1, x + w), min(y1, y + h)
+        if ix1 > ix0 and iy1 > iy0 and (ix1 - ix0) * (iy1 - iy0) > 0.5 * w * h:
+            plan.texts.append(swap_left_right(text) if plan.flip else text)
+            plan.boxes.append((ix0, iy0, ix1 - ix0, iy1 - iy0))
+    return plan
+
+
+def region_view(data: bytes, width: int, height: int, plan: RegionPlan, rng: np.random.Generator, *,
+                size: int = 224, decoder: str = "pil", reduce: bool = True,
+                augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a `RegionPlan`: (uint8 [3,S,S], boxes float32 [n,4] as normalised (cx, cy, w, h))."""
+    x0, y0, x1, y1 = plan.crop
+    img, sx, sy = _decode_for_crop(data, width, height, (x0, y0, x1 - x0, y1 - y0), size, decoder, reduce)
+    dh, dw = img.shape[-2:]
+    img = tv_tensors.Image(img)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor(plan.boxes, dtype=torch.float32).reshape(-1, 4),
+                                     format="XYWH", canvas_size=(height, width))
+    boxes = F.resize(boxes, [dh, dw])
+    top, left = int(round(y0 * sy)), int(round(x0 * sx))
+    ch, cw = max(1, int(round((y1 - y0) * sy))), max(1, int(round((x1 - x0) * sx)))
+    img, boxes = (F.resized_crop(t, top=top, left=left, height=ch, width=cw, size=[size, size],
+                                 interpolation=_BICUBIC, antialias=True) for t in (img, boxes))
+    if plan.flip:
+        img, boxes = F.horizontal_flip(img), F.horizontal_flip(boxes)
+    boxes = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor) / size
+    img = img.as_subclass(torch.Tensor)
+    if augment:
+        img = rand_augment(img, rng, geometric=False)
+    return img, boxes.clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grounding view (VG-LAW)
+# ----------------------------------------------------------------------------------------------
+def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Tensor, text: str, *,
+                   train: bool, size: int = 448, rng: Optional[np.random.Generator] = None,
+                   flip_prob: float = 0.5, crop_prob: float = 0.5, crop_allowed: bool = True,
+                   fill: Sequence[int] = (124, 116, 104)) -> dict:
+    """Letterbox one grounding example (image uint8 [3,H,W], target box in stored px, mask uint8 [H,W]).
+
+    Training: a crop that keeps the target with probability `crop_prob` (only when `crop_allowed`, i.e. no
+    direction words), a flip with probability `flip_prob` (left/right swapped in `text`), longer side to
+    `size`, letterbox at a random offset. Evaluation: longer side to `size`, centred letterbox.
+    Returns image uint8 [3,S,S], bbox normalised (cx, cy, w, h), mask uint8 [S,S], text, scale, offset
+    (input px = stored px * scale + offset; exact for evaluation, it ignores a training flip), flipped."""
+    if train and rng is None:
+        raise ValueError("grounding_view(train=True) needs an rng")
+    H, W = img.shape[-2:]
+    image = tv_tensors.Image(img)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([box_xywh], dtype=torch.float32), format="XYWH", canvas_size=(H, W))
+    boxes = F.convert_bounding_box_format(boxes, new_format="XYXY")
+    masks = tv_tensors.Mask(mask[None])
+    ox, oy, flipped = 0.0, 0.0, False
+    if train and crop_allowed and rng.random() < crop_prob:
+        bx, by, bw, bh = box_xywh
+        x0 = int(rng.integers(0, math.floor(max(bx, 0)) + 1))
+        y0 = int(rng.integers(0, math.floor(max(by, 0)) + 1))
+        x1 = int(rng.integers(min(math.ceil(bx + bw), W), W + 1))
+        y1 = int(rng.integers(min(math.ceil(by + bh), H), H + 1))
+        image, boxes, masks = (F.crop(t, top=y0, left=x0, height=y1 - y0, width=x1 - x0) for t in (image, boxes, masks))
+        ox, oy = float(x0), float(y0)
+    if train and rng.random() < flip_prob:
+        image, boxes, masks = (F.horizontal_flip(t) for t in (image, boxes, masks))
+        text = swap_left_right(text)
+        flipped = True
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = min(size, max(1, int(round(h * scale)))), min(size, max(1, int(round(w * scale))))
+    image, boxes, masks = (F.resize(t, [nh, nw], antialias=True) for t in (image, boxes, masks))
+    if train:
+        pad_x, pad_y = int(rng.integers(0, size - nw + 1)), int(rng.integers(0, size - nh + 1))
+    else:
+        pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
+    padding = [pad_x, pad_y, size - nw - pad_x, size - nh - pad_y]
+    image = F.pad(image, padding, fill=list(fill))
+    boxes = F.pad(boxes, padding)
+    masks = F.pad(masks, padding, fill=0)
+    bbox = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor)[0] / size
+    sx, sy = nw / w, nh / h                      # equal up to rounding of the resized size
+    return {
+        "image": image.as_subclass(torch.Tensor), "bbox": bbox.clamp(0.0, 1.0),
+        "mask": masks.as_subclass(torch.Tensor)[0], "text": text,
+        "scale": float((sx + sy) / 2), "offset": (pad_x - ox * sx, pad_y - oy * sy), "flipped": flipped,
+    }
