@@ -230,3 +230,21 @@ def test_objects365_path_quirk(raw):
     assert all(c["name"].strip().istitle() for c in data["categories"])
     assert any(a["area"] == 0 for a in data["annotations"])
     assert all({"isfake", "isreflected"} <= a.keys() for a in data["annotations"])
+
+
+def test_refer_converter_reads_the_synthetic_refer_layout(raw, tmp_path):
+    from shards.build import build_shards
+    from shards.refer import excluded_image_ids, refcoco_items
+
+    out, summary = raw
+    refer = out / "refer"
+    by_split, skips, counts = refcoco_items(refer, "refcoco", "unc", refer / "images" / "train2014")
+    assert skips == {}
+    expected = {k: v for k, v in summary["refcoco"].items() if isinstance(v, dict)}
+    assert {s: (len(items), sum(len(it.record["refs"]) for it in items)) for s, items in by_split.items()} == \
+        {s: (v["images"], v["refs"]) for s, v in expected.items()}
+    ids, prov = excluded_image_ids(refer)
+    assert len(ids) == summary["refcoco"]["non_train_images"] and prov["files"][0]["file"] == "refcoco/refs(unc).p"
+    assert ids == {int(it.record["image_id"]) for s, items in by_split.items() if s != "train" for it in items}
+    m = build_shards(by_split["val"], tmp_path / "val", source="refcoco", args={}, max_side=None)
+    assert m["refs"] == expected["val"]["refs"] and m["sentences"] == expected["val"]["sentences"]
