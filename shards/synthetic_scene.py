@@ -193,7 +193,8 @@ def _background(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         other = base + rng.uniform(-35, 35) + rng.uniform(-10, 10, 3)
         img = base + (other - base) * (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     elif kind == "noise":
-        img = base + rng.normal(0, 14, (h, w, 1)) + rng.normal(0, 4, (h, w, 3))
+        img = (base + 14 * rng.standard_normal((h, w, 1), dtype=np.float32)
+               + 4 * rng.standard_normal((h, w, 3), dtype=np.float32))
     elif kind == "stripes":
         a, period = rng.uniform(0, np.pi), rng.uniform(10, 28)
         phase = (np.cos(a) * xx + np.sin(a) * yy) / period
@@ -221,5 +222,5 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
         # A gentle top-left light: +-6 levels across the object, never enough to change the colour name.
         shade = 6 * (1 - ((xx - x) / max(w, 1) + (yy - y) / max(h, 1)))
         img[yy, xx] = np.array(obj.rgb, np.float32) + shade[:, None]
-    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    img += 3 * rng.standard_normal(img.shape, dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
