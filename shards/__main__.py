@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=("refcoco", "refcoco+", "refcocog", "refclef"))
     p.add_argument("--split-by", required=True, choices=("unc", "google", "umd", "berkeley"))
     p.add_argument("--images", required=True, type=Path, help="COCO train2014/ (or the saiapr_tc-12 folder for refclef)")
+    p.add_argument("--safe-train", action="store_true",
+                   help="drop train refs on images of any RefCOCO/+/g val/test split under --refer-root (MDETR's rule)")
     _common(p, None)
 
     p = sub.add_parser("synthetic", help="draw the small synthetic raw datasets in the real raw formats")
@@ -117,9 +119,13 @@ def run(ns: argparse.Namespace) -> int:
                   max_side=max_side)
     if ns.command == "refcoco":
         from shards.refer import refcoco_items
-        by_split = refcoco_items(ns.refer_root, ns.dataset, ns.split_by, ns.images)
+        exclude, prov = exclusion(ns.refer_root) if ns.safe_train else (set(), {})
+        by_split, skips, counts = refcoco_items(ns.refer_root, ns.dataset, ns.split_by, ns.images,
+                                                exclude_ids=exclude or None)
         for split, items in sorted(by_split.items()):
-            m = build_shards(items, ns.out / split, source=ns.dataset, **common)
+            extra = {**counts.get(split, {}), **({"safe_train": prov} if prov else {})}
+            m = build_shards(items, ns.out / split, source=ns.dataset, extra_skips=skips.get(split),
+                             extra_counts=extra, **common)
             _report(ns.out / split, m)
         return 0
 

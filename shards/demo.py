@@ -15,10 +15,14 @@ from shards.inspect import shard_dirs
 from shards.manifest import read_manifest
 
 
+# Small shards so that the demo's sets split over 2 ranks x 2 loader workers like real ones do.
+DEMO_SAMPLES_PER_SHARD = 50
+
+
 def demo_commands(raw: Path, shards: Path, workers: int) -> list[list[str]]:
     """The converter command lines (argv after ``python -m shards``) that build the demo's shard sets."""
     coco, vg, o365, refer = raw / "coco", raw / "vg", raw / "objects365", raw / "refer"
-    common = ["--workers", str(workers)]
+    common = ["--workers", str(workers), "--samples-per-shard", str(DEMO_SAMPLES_PER_SHARD)]
     return [
         ["coco", "--images", f"{coco}/train2017", "--captions", f"{coco}/annotations/captions_train2017.json",
          "--instances", f"{coco}/annotations/instances_train2017.json", "--exclude-refer", str(refer),
