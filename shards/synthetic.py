@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from shards.inputs import InputError
 from shards.synthetic_scene import COLORS, IMAGE_SIZES, SHAPES, Scene, render, sample_scene
 from shards.synthetic_text import captions, referring_expressions, region_phrases
 
@@ -50,6 +51,10 @@ LICENSES = [
 ]
 _STREAMS = {"coco": 1, "vg": 2, "cc3m": 3, "objects365": 4}
 _TAR_MTIME = 1_600_000_000
+
+
+class SyntheticArgumentError(InputError, ValueError):
+    """A bad argument to `generate` (the CLI prints it as one line, exit code 2)."""
 
 
 def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
@@ -134,7 +139,7 @@ def generate(out_dir: str | Path, seed: int = 0, images: int | None = None) -> d
     """
     n_coco = DEFAULT_IMAGES if images is None else int(images)
     if n_coco < 8:
-        raise ValueError(f"images must be at least 8 (got {n_coco})")
+        raise SyntheticArgumentError("--images", f"must be at least 8 (got {n_coco})")
     out = Path(out_dir)
     n_refer = max(6, round(0.6 * n_coco))
     coco_ids = [100_000 + 1_009 * k for k in range(n_coco)]

@@ -44,8 +44,11 @@ def test_deterministic_per_seed(raw, tmp_path):
 
 
 def test_rejects_too_few_images(tmp_path):
-    with pytest.raises(ValueError, match="at least 8"):
+    from shards.inputs import InputError  # what the CLI prints as one line with exit code 2
+
+    with pytest.raises(ValueError, match="at least 8") as e:
         generate(tmp_path, images=3)
+    assert isinstance(e.value, InputError)
 
 
 class _Seen:
