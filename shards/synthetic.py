@@ -248,8 +248,9 @@ def _write_refer(root: Path, ids: list[int], scenes: list[Scene], jpegs: list[by
     _write_json(root / "refcoco" / "instances.json", {"info": info, "licenses": LICENSES, "images": images,
                                                        "annotations": anns, "categories": coco_categories()})
     _write(root / "refcoco" / "refs(unc).p", pickle.dumps(refs, protocol=2))
-    summary["refcoco"] = {"splits": dict(sorted(counts.items())),
-                          "non_train_images": len({r["image_id"] for r in refs if r["split"] != "train"})}
+    # {split: {images, refs, sentences}, "non_train_images": n} (tests of the converters read this layout)
+    summary["refcoco"] = dict(sorted(counts.items()))
+    summary["refcoco"]["non_train_images"] = len({r["image_id"] for r in refs if r["split"] != "train"})
 
 
 def _write_vg(root: Path, seed: int, n: int, coco_ids: list[int], coco_scenes: list[Scene],
