@@ -57,12 +57,16 @@ class LawViT(nn.Module):
         self.global_blocks = frozenset(int(i) for i in global_blocks)
         dim = vit.embed_dim
         qkv_out = blocks[0].attn.qkv.out_features
+        self.grad_checkpointing = False
         self.law = (LanguageAdaptiveWeights(len(blocks), text_dim, dim, qkv_out, groups=groups,
                                             reduction=reduction, rank=rank) if law else None)
 
     @property
     def embed_dim(self) -> int:
         return self.vit.embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def is_windowed(self, i: int) -> bool:
         return self.window_size > 0 and i not in self.global_blocks
@@ -118,6 +122,14 @@ class LawViT(nn.Module):
             phi = self.law(text, text_mask)
         for i, blk in enumerate(self.vit.blocks):
             p = phi[:, i] if phi is not None else None
-            x = x + blk.drop_path1(blk.ls1(self._attention(blk, blk.norm1(x), hw, self.is_windowed(i), p)))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._block, blk, x, hw, self.is_windowed(i), p,
+                                                      use_reentrant=False)
+            else:
+                x = self._block(blk, x, hw, self.is_windowed(i), p)
         return self.vit.norm(x), hw
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], windowed: bool,
+               phi: torch.Tensor | None) -> torch.Tensor:
+        x = x + blk.drop_path1(blk.ls1(self._attention(blk, blk.norm1(x), hw, windowed, phi)))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))

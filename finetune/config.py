@@ -81,9 +81,9 @@ class GroundingDataConfig:
 
 @dataclass
 class EvalConfig:
-    splits: list = field(default_factory=lambda: ["val"])   # evaluated after training (and every `every` epochs)
-    every: int = 0                          # epochs between evaluations during training; 0 = only at the end
+    splits: list = field(default_factory=lambda: ["val"])   # evaluated at the end (and every run.eval_every steps)
     batch_size: int = 32
+    dump: bool = False                      # also write per-expression predictions (<out_dir>/eval/<split>.jsonl)
 
 
 def _finetune_optim() -> OptimConfig:

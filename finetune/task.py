@@ -37,6 +37,11 @@ class GroundingTask(nn.Module):
     def lr_multipliers(self) -> dict[str, float]:
         return {"model.vision.vit.": self.backbone_lr_mult, "model.text.": self.backbone_lr_mult}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per ViT block and per BERT layer (engine.activation_checkpointing)."""
+        self.model.vision.set_grad_checkpointing(enable)
+        self.model.text.set_grad_checkpointing(enable)
+
     def _dtype(self) -> torch.dtype:
         return self.model.rec_head.mlp[0].weight.dtype
 

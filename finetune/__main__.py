@@ -1,0 +1,108 @@
+"""Fine-tune VG-LAW (+ Mask Grounding) on RefCOCO-family shards with the shared engine.
+
+    python -m finetune --config configs/finetune/refcoco.yaml [dotted.key=value ...]
+    torchrun --nproc_per_node 8 -m finetune --config configs/finetune/refcoco.yaml
+
+`init_from` names a pretraining run (its export, a .safetensors file or a DeepSpeed checkpoint dir); its
+config.yaml fixes the ViT/BERT architecture. `init_from: null` trains from the config's own initialisation
+(ablations). At the end every split in `eval.splits` is evaluated and written to <out_dir>/eval.json as
+{split: <evaluate result>}; the export in <out_dir>/export is what `finetune.evaluate` / `.predict` load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from finetune.checkpoint import adopt_pretrained_architecture, load_pretrained
+from finetune.config import FinetuneConfig
+from finetune.evaluate import evaluate_model, split_dir
+from pretrain.config import ConfigError, load_config
+
+
+def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """{split: evaluate result} -> {"val/rec_prec@0.5": ..., "val/miou": ...} for the logger."""
+    out = {}
+    for split, r in results.items():
+        out[f"{split}/rec_prec@0.5"] = r["rec"]["prec@0.5"]
+        for k, v in r.get("res", {}).items():
+            out[f"{split}/{k}"] = v
+    return out
+
+
+def prepare(cfg: FinetuneConfig):
+    """Everything that can fail on a user mistake, before any process group or model exists."""
+    from shards.text import build_tokenizer
+
+    cfg = adopt_pretrained_architecture(cfg)
+    tok_dir = cfg.model.text.tokenizer or cfg.model.text.bert
+    if not tok_dir:
+        raise ConfigError("model.text.tokenizer (or model.text.bert) must name a tokenizer dir")
+    tokenizer = build_tokenizer(tok_dir)
+    train_dir = split_dir(cfg.data.shards, cfg.data.train_split)
+    eval_dirs = {s: split_dir(cfg.data.shards, s) for s in cfg.eval.splits}
+    return cfg, tokenizer, train_dir, eval_dirs
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    from finetune.task import build_task
+    from pretrain import distributed as du
+    from pretrain.engine import train
+    from shards.index import GroundingDataset, build_grounding_loader
+
+    cfg, tokenizer, train_dir, eval_dirs = prepare(cfg)
+    task = build_task(cfg, tokenizer)
+    if cfg.init_from:
+        load_pretrained(task.model, cfg.init_from)
+    info = du.discover()
+    d = cfg.data
+    dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
+                               seed=cfg.run.seed)
+    batches = d.batches_per_epoch or max(1, len(dataset) // (d.batch_size * info.world_size))
+
+    def make_loader(epoch: int, start_batch: int):
+        return build_grounding_loader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, train=True,
+                                      epoch=epoch, start_batch=start_batch, rank=info.rank,
+                                      world_size=info.world_size, seed=cfg.run.seed)
+
+    results: dict[str, dict] = {}
+
+    def evaluate(module, step: int) -> dict:
+        device = next(module.parameters()).device
+        for split, path in eval_dirs.items():
+            dump = Path(cfg.run.out_dir) / "eval" / f"{split}.jsonl" if cfg.eval.dump else None
+            results[split] = evaluate_model(module, path, tokenizer, batch_size=cfg.eval.batch_size,
+                                            device=device, rank=info.rank, world_size=info.world_size,
+                                            image_size=d.image_size, max_len=d.max_len, dump=dump)
+        return flat_metrics(results)
+
+    summary = train(cfg, task, make_loader, batches_per_epoch=batches, evaluate=evaluate if eval_dirs else None)
+    summary["results"] = dict(results)
+    if info.rank == 0 and results:
+        out = Path(cfg.run.out_dir) / "eval.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="configs/finetune/<name>.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(FinetuneConfig, args.config, args.overrides)
+        prepare(cfg)                            # fail fast, with one line, on bad paths
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = run(cfg)
+    from finetune.metrics import format_table
+    if summary.get("results"):
+        print(format_table(summary["results"]))
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Getting weights into VG-LAW: from a pretraining export (init) and from a fine-tuning export (evaluate/predict).
+
+Both go through `pretrain.checkpoint.load_consolidated`, so a path may be a run dir, an `export/` dir, a
+`.safetensors` file or a DeepSpeed checkpoint dir. The run's `config.yaml` is looked up next to it.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.model import VGLaw
+from pretrain.checkpoint import load_consolidated
+from pretrain.config import ConfigError, from_dict, load_config, read_yaml
+from pretrain.config import ModelConfig as PretrainModelConfig
+from pretrain.encoders import load_vision_weights
+
+
+def find_config(path: str | Path) -> Path | None:
+    """config.yaml of the run that `path` belongs to (export dir, run dir, weights file or checkpoint dir)."""
+    p = Path(path)
+    base = p.parent if p.is_file() else p
+    for cand in (base / "config.yaml", base / "export" / "config.yaml", base.parent / "export" / "config.yaml",
+                 base.parent / "config.yaml", base.parent.parent / "export" / "config.yaml",
+                 base.parent.parent / "config.yaml"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_consolidated(path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
+def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Copy model.vision / model.text from the pretraining run's config so the shapes match its weights.
+
+    The fine-tuning resolution stays data.image_size (position embeddings are resampled on load); the
+    vision checkpoint is not re-read (the export's weights replace it)."""
+    if not cfg.init_from:
+        return cfg
+    found = find_config(cfg.init_from)
+    if found is None:
+        raise ConfigError(f"init_from: no config.yaml found next to {cfg.init_from}")
+    pre = from_dict(PretrainModelConfig, read_yaml(found).get("model") or {}, prefix="model.")
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vision = pre.vision
+    cfg.model.vision.img_size = cfg.data.image_size
+    cfg.model.vision.checkpoint = None
+    cfg.model.text = pre.text
+    return cfg
+
+
+def load_pretrained(model: VGLaw, path: str | Path) -> dict[str, int]:
+    """Initialise the ViT (`vision.*`, position embeddings resampled) and the text encoder (`text.*`) of `model`
+    from a pretraining export. Returns how many tensors each received."""
+    sd = _load_weights(path)
+    vision = {k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")}
+    text = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
+    if not vision or not text:
+        raise ConfigError(f"init_from: {path} holds no 'vision.' and 'text.' weights (not a pretraining export)")
+    load_vision_weights(model.vision.vit, vision)
+    missing, unexpected = model.text.load_state_dict(text, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"init_from: text encoder does not fit {path}: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    return {"vision": len(vision), "text": len(text)}
+
+
+def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGLaw, FinetuneConfig, Any]:
+    """(model in eval mode, its FinetuneConfig, its tokenizer) from a fine-tuning export or checkpoint."""
+    from finetune.task import build_model
+    from shards.text import build_tokenizer
+
+    found = find_config(path)
+    if found is None:
+        raise ConfigError(f"{path}: no config.yaml next to the checkpoint (expected <run>/export/config.yaml)")
+    cfg = load_config(FinetuneConfig, found)
+    sd = _load_weights(path)
+    model_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if not model_sd:
+        raise ConfigError(f"{path}: holds no 'model.' weights (not a fine-tuning checkpoint)")
+    vocab = model_sd.get("text.embeddings.word_embeddings.weight")
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.vision.checkpoint = None                       # the checkpoint's weights replace any initial ones
+    model = build_model(mcfg, int(vocab.shape[0]) if vocab is not None else None)
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: does not fit the model in {found}: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    tok_dir = cfg.model.text.tokenizer or cfg.model.text.bert
+    if not tok_dir:
+        raise ConfigError(f"{found}: model.text.tokenizer (or model.text.bert) must name the tokenizer dir")
+    tokenizer = build_tokenizer(tok_dir)
+    return model.to(device).eval(), cfg, tokenizer

@@ -1,0 +1,301 @@
+"""Evaluate a fine-tuned VG-LAW checkpoint or a predictions file on RefCOCO-family shards.
+
+    python -m finetune.evaluate --checkpoint runs/refcoco/export --data shards/refcoco --split val testA testB
+    python -m finetune.evaluate --predictions preds.jsonl --data shards/refcoco --split val
+
+Predictions are mapped back through the letterbox and scored at the original image size (see
+finetune.metrics for the conventions). Under torchrun/srun every rank scores a strided share of the split's
+expressions (rank r takes indices r, r + W, ...: no padding, no duplicates) and the per-expression records are
+gathered and keyed by dataset index, so the result is identical for any number of ranks.
+Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from torch import nn
+
+from finetune.metrics import (expression_record, format_table, summarize, unletterbox_box,
+                              unletterbox_mask)
+from finetune.model import VGLaw
+
+DEFAULT_THRESHOLD = 0.35
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def rle_encode(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list counts) -> bool [h, w]."""
+    if isinstance(rle.get("counts"), list):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(rle.get("counts"), str):
+        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _model_of(task_or_model: nn.Module) -> VGLaw:
+    model = getattr(task_or_model, "module", task_or_model)     # DeepSpeed / DDP wrappers
+    model = getattr(model, "model", model)                      # GroundingTask -> VGLaw
+    if not isinstance(model, VGLaw):
+        raise TypeError(f"expected a VGLaw model or a GroundingTask, got {type(model).__name__}")
+    return model
+
+
+def split_dir(data: str | Path, split: str) -> Path:
+    """`data/<split>` (a dataset dir with one folder per split) or `data` itself when it is that split."""
+    p = Path(data)
+    if (p / split / "manifest.json").is_file():
+        return p / split
+    if (p / "manifest.json").is_file() and p.name == split:
+        return p
+    raise FileNotFoundError(f"{p}: no shards for split '{split}' (expected {p / split}/manifest.json)")
+
+
+def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's share of an n-expression split: every world_size-th index (exact, no padding)."""
+    return list(range(rank, n, world_size))
+
+
+def gather_records(records: list[dict], world_size: int) -> list[dict]:
+    """All ranks' records, keyed by dataset index (duplicates dropped), sorted by index."""
+    if world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    return merge_records([records])
+
+
+def merge_records(parts: Iterable[list[dict]]) -> list[dict]:
+    by_index: dict[int, dict] = {}
+    for part in parts:
+        for r in part:
+            by_index.setdefault(int(r["index"]), r)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+# ---------------------------------------------------------------------------------------------- model scoring
+@torch.no_grad()
+def score_indices(model: VGLaw, dataset: Any, indices: list[int], *, batch_size: int, device: torch.device | str,
+                  threshold: float = DEFAULT_THRESHOLD, keep_predictions: bool = False,
+                  num_workers: int = 0) -> list[dict]:
+    """Run the model on dataset[indices]; one record per expression (scores, and predictions on request)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from shards.index import collate_grounding
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_grounding)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    dtype = next(model.parameters()).dtype
+    records: list[dict] = []
+    try:
+        for batch in loader:
+            with autocast:
+                out = model.predict(batch["image"].to(device, dtype), batch["text_ids"].to(device),
+                                    batch["text_mask"].to(device))
+            size = tuple(batch["image"].shape[-2:])
+            for j in range(len(batch["index"])):
+                idx = int(batch["index"][j])
+                scale, offset = float(batch["scale"][j]), [float(v) for v in batch["offset"][j]]
+                gt = dataset.target(idx)
+                orig_hw = gt["size"]
+                box = unletterbox_box(out["boxes"][j].cpu(), size, scale, offset, orig_hw)
+                pred_mask = unletterbox_mask(out["mask_probs"][j], scale, offset, orig_hw, threshold)
+                gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
+                rec = {"index": idx, "ref_id": int(gt["ref_id"]), "sentence": int(gt["sentence"]),
+                       **expression_record(box, gt["bbox"], pred_mask if gt_mask is not None else None, gt_mask)}
+                if keep_predictions:
+                    rec.update(bbox=box, mask=rle_encode(pred_mask), text=gt.get("text", ""))
+                records.append(rec)
+    finally:
+        model.train(was_training)
+    return records
+
+
+def evaluate_model(task_or_model: nn.Module, shard_dir: str | Path, tokenizer: Any, *, batch_size: int,
+                   device: torch.device | str, rank: int = 0, world_size: int = 1, image_size: int | None = None,
+                   max_len: int = 40, threshold: float | None = None, dump: str | Path | None = None,
+                   num_workers: int = 0) -> dict:
+    """Score a model on one split's shard dir; every rank calls it and every rank gets the full result.
+
+    Returns {"split", "n", "rec": {...}, "res": {...}}; with `dump`, rank 0 writes one JSON line per expression
+    (index, ref_id, sentence, text, bbox, mask, box_iou, mask_iou) for error analysis.
+    """
+    from shards.index import GroundingDataset
+
+    model = _model_of(task_or_model)
+    size = image_size or model.vision.vit.patch_embed.img_size[0]
+    dataset = GroundingDataset(str(shard_dir), tokenizer, train=False, image_size=size, max_len=max_len)
+    thr = model.mask_threshold if threshold is None else threshold
+    records = score_indices(model, dataset, rank_indices(len(dataset), rank, world_size), batch_size=batch_size,
+                            device=device, threshold=thr, keep_predictions=dump is not None,
+                            num_workers=num_workers)
+    records = gather_records(records, world_size)
+    if dump is not None and rank == 0:
+        write_jsonl(dump, records)
+    return {"split": Path(shard_dir).name, **summarize(records)}
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(p)
+
+
+# ---------------------------------------------------------------------------------------------- predictions file
+def read_predictions(path: str | Path) -> tuple[dict[tuple[int, int], dict], dict[str, int]]:
+    """preds.jsonl -> {(ref_id, sentence): prediction}; malformed lines and duplicates are skipped and counted."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: predictions file not found")
+    preds: dict[tuple[int, int], dict] = {}
+    skipped = {"malformed": 0, "duplicate": 0}
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            key = (int(obj["ref_id"]), int(obj.get("sentence", 0)))
+            box = [float(v) for v in obj["bbox"]]
+            if len(box) != 4:
+                raise ValueError("bbox")
+        except (ValueError, KeyError, TypeError):
+            skipped["malformed"] += 1
+            continue
+        if key in preds:
+            skipped["duplicate"] += 1
+            continue
+        preds[key] = {"bbox": box, "mask": obj.get("mask")}
+    return preds, skipped
+
+
+def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump: str | Path | None = None) -> dict:
+    """Score a predictions file against one split's ground truth (a missing expression scores IoU 0)."""
+    from shards.index import GroundingDataset
+
+    preds, skipped = read_predictions(preds_path)
+    dataset = GroundingDataset(str(shard_dir), None, train=False)
+    records, seen = [], set()
+    missing = 0
+    for i in range(len(dataset)):
+        gt = dataset.target(i)
+        key = (int(gt["ref_id"]), int(gt["sentence"]))
+        seen.add(key)
+        gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
+        pred = preds.get(key)
+        if pred is None:
+            missing += 1
+            rec = {"box_iou": 0.0}
+            if gt_mask is not None:
+                union = int(gt_mask.sum())
+                rec.update(inter=0, union=union, mask_iou=0.0 if union else 1.0)
+        else:
+            pmask = None
+            if gt_mask is not None:
+                try:
+                    pmask = rle_decode(pred["mask"]) if pred.get("mask") else np.zeros_like(gt_mask)
+                except Exception:  # noqa: BLE001 - an undecodable RLE is one bad prediction, not a crash
+                    skipped["malformed"] += 1
+                    pmask = np.zeros_like(gt_mask)
+                if pmask.shape != gt_mask.shape:
+                    skipped["mask_size"] = skipped.get("mask_size", 0) + 1
+                    pmask = np.zeros_like(gt_mask)
+            rec = expression_record(pred["bbox"], gt["bbox"], pmask, gt_mask)
+        records.append({"index": i, "ref_id": key[0], "sentence": key[1], **rec})
+    if dump is not None:
+        write_jsonl(dump, records)
+    extra = sum(1 for k in preds if k not in seen)
+    return {"split": Path(shard_dir).name, **summarize(records),
+            "predictions": {"missing": missing, "unmatched": extra, **skipped}}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fine-tuning export dir / run dir / model.safetensors / DeepSpeed dir")
+    src.add_argument("--predictions", help="predictions JSONL in original-image pixels (DESIGN.md)")
+    ap.add_argument("--data", required=True, help="dataset shard dir holding <split>/manifest.json")
+    ap.add_argument("--split", nargs="+", default=["val"], help="one or more splits (default: val)")
+    ap.add_argument("--out", help="write the JSON result here (one split: its result; several: {split: result})")
+    ap.add_argument("--dump", help="write per-expression records to DIR/<split>.jsonl")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threshold", type=float, help="mask probability threshold (default: the model's, 0.35)")
+    ap.add_argument("--workers", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pretrain.config import ConfigError
+
+    try:
+        dirs = {s: split_dir(args.data, s) for s in args.split}
+        results: dict[str, dict] = {}
+        if args.predictions:
+            for s, d in dirs.items():
+                dump = Path(args.dump) / f"{s}.jsonl" if args.dump else None
+                results[s] = evaluate_predictions(args.predictions, d, dump=dump)
+            rank = 0
+        else:
+            results, rank = _evaluate_checkpoint(args, dirs)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(format_table(results))
+        out = results[args.split[0]] if len(results) == 1 else results
+        text = json.dumps(out, indent=2)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        print(json.dumps(out))
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace, dirs: dict[str, Path]) -> tuple[dict[str, dict], int]:
+    from finetune.checkpoint import load_finetuned
+    from pretrain import distributed as du
+
+    model, cfg, tokenizer = load_finetuned(args.checkpoint)
+    world = 1
+    rank = 0
+    device = torch.device(args.device)
+    if du.discover().world_size > 1:
+        info, device = du.init_distributed()
+        rank, world = info.rank, info.world_size
+    model.to(device)
+    results = {}
+    for s, d in dirs.items():
+        dump = Path(args.dump) / f"{s}.jsonl" if args.dump else None
+        results[s] = evaluate_model(model, d, tokenizer, batch_size=args.batch_size, device=device, rank=rank,
+                                    world_size=world, image_size=cfg.data.image_size, max_len=cfg.data.max_len,
+                                    threshold=args.threshold, dump=dump, num_workers=args.workers)
+    return results, rank
+
+
+if __name__ == "__main__":
+    sys.exit(main())
