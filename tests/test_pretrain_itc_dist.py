@@ -1,0 +1,66 @@
+"""ITC over the global batch: 2 gloo processes with B each == 1 process with 2B (loss and gradients)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain.losses import itc_loss
+
+B, DIN, E = 3, 6, 5
+
+
+def make_model() -> torch.nn.ModuleDict:
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"img": torch.nn.Linear(DIN, E), "txt": torch.nn.Linear(DIN, E)})
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2 * B, DIN, generator=g), torch.randn(2 * B, DIN, generator=g)
+
+
+def step(model, temp, x_img, x_txt):
+    img = F.normalize(model["img"](x_img), dim=-1)
+    txt = F.normalize(model["txt"](x_txt), dim=-1)
+    loss = itc_loss(img, txt, temp)[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, temp.grad.clone()
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
+    x_img, x_txt = make_data()
+    sl = slice(rank * B, (rank + 1) * B)
+    loss, grads, tgrad = step(model, temp, x_img[sl], x_txt[sl])
+    # what data-parallel training does: average loss (for logging) and gradients over ranks
+    dist.all_reduce(loss)
+    for g in list(grads.values()) + [tgrad]:
+        dist.all_reduce(g)
+    if rank == 0:
+        torch.save({"loss": loss / 2, "grads": {k: v / 2 for k, v in grads.items()}, "temp": tgrad / 2}, out)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_itc_is_world_size_independent(tmp_path):
+    model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
+    ref_loss, ref_grads, ref_tgrad = step(model, temp, *make_data())
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    assert torch.allclose(got["loss"], ref_loss, atol=1e-5)
+    for k, g in ref_grads.items():
+        assert torch.allclose(got["grads"][k], g, atol=1e-5), k
+    assert torch.allclose(got["temp"], ref_tgrad, atol=1e-5)
+    assert ref_grads["img.weight"].abs().sum() > 0

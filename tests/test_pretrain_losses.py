@@ -1,0 +1,100 @@
+"""ITM negative sampling, MLM, box and ITC losses on hand-made inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.losses import (box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives,
+                             select_masked_positions)
+
+
+def test_itm_sampler_never_picks_the_positive():
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6) * 5
+    sim.fill_diagonal_(100.0)                 # the positive is by far the most similar
+    picks = torch.stack([sample_hard_negatives(sim) for _ in range(200)])
+    assert picks.shape == (200, 6)
+    assert not (picks == torch.arange(6)).any()
+    assert set(picks.flatten().tolist()) == set(range(6))
+
+
+def test_itm_sampler_follows_one_hot_off_diagonal():
+    b = 5
+    target = torch.tensor([3, 0, 4, 1, 2])
+    sim = torch.full((b, b), -1e4)
+    sim[torch.arange(b), target] = 1e4        # softmax puts (nearly) all weight there; +1e-5 elsewhere
+    sim.fill_diagonal_(1e4)                   # even a maximal positive is excluded
+    hits = torch.stack([sample_hard_negatives(sim) for _ in range(50)])
+    assert (hits == target).float().mean() > 0.98
+
+
+def test_itm_sampler_survives_nan_and_inf():
+    sim = torch.randn(4, 4)
+    sim[0] = float("nan")
+    sim[1, 2] = float("inf")
+    sim[2] = float("-inf")
+    idx = sample_hard_negatives(sim)
+    assert idx.shape == (4,)
+    assert ((idx >= 0) & (idx < 4)).all()
+    assert not (idx == torch.arange(4)).any()
+    with pytest.raises(ValueError):
+        sample_hard_negatives(torch.randn(1, 1))
+
+
+def test_itm_loss_labels_and_accuracy():
+    logits = torch.tensor([[0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    loss, acc = itm_loss(logits, num_pos=2)   # 2 positives then 4 negatives; one negative misjudged
+    assert acc.item() == pytest.approx(5 / 6)
+    expected = F.cross_entropy(logits, torch.tensor([1, 1, 0, 0, 0, 0]))
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_mlm_loss_only_on_masked_positions_and_ignores_padding():
+    torch.manual_seed(0)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2], labels[1, 1] = 7, 3
+    logits = torch.randn(2, 6, 10)
+    loss, _ = mlm_loss(logits, labels)
+    ref = (F.cross_entropy(logits[0, 2:3], labels[0, 2:3]) + F.cross_entropy(logits[1, 1:2], labels[1, 1:2])) / 2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    changed = logits.clone()
+    changed[0, [0, 1, 3, 4, 5]] = torch.randn(5, 10) * 100    # unmasked tokens and padding
+    changed[1, 4:] = float("nan")                             # even garbage at padded positions
+    assert mlm_loss(changed, labels)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    none = torch.full((2, 6), -100)
+    assert mlm_loss(logits, none)[0].item() == 0.0
+
+
+def test_select_masked_positions_fixed_shape():
+    labels = torch.full((3, 8), -100)
+    labels[0, [1, 5]] = 4
+    labels[2, [1, 2, 3, 4]] = 9
+    pos, lab, overflow = select_masked_positions(labels, 3)
+    assert pos.shape == lab.shape == (3, 3)
+    assert sorted(pos[0][lab[0] != -100].tolist()) == [1, 5]
+    assert (lab[1] == -100).all()
+    assert (lab[2] != -100).sum() == 3
+    assert overflow.item() == pytest.approx(1 / 3)
+
+
+def test_box_losses_hand_values():
+    target = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    l1, giou = box_losses(target.clone(), target)
+    assert l1.item() == 0 and giou.item() == pytest.approx(0, abs=1e-6)
+    pred = torch.tensor([[0.5, 0.5, 0.4, 0.4]])               # nested: iou 0.25, hull = pred
+    l1, giou = box_losses(pred, target)
+    assert l1.item() == pytest.approx(0.4) and giou.item() == pytest.approx(0.75)
+
+
+def test_itc_single_process_matches_formula():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    temp = torch.tensor([0.07])
+    loss, l_i2t, l_t2i = itc_loss(img, txt, temp)
+    logits = img @ txt.t() / 0.07
+    ref = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4))) / 2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(l_i2t, logits) and torch.allclose(l_t2i, logits.t())
+    perfect = itc_loss(img, img, torch.tensor([0.001]))[0]
+    assert perfect.item() < 1e-3 and math.isfinite(perfect.item())
