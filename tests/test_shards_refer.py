@@ -19,7 +19,8 @@ from pycocotools.coco import COCO
 
 from shards.build import build_shards
 from shards.inputs import InputError
-from shards.refer import ReferFormatError, excluded_image_ids, load_instances, load_refs, refcoco_items
+from shards.refer import (ReferFormatError, excluded_image_ids, load_instances, load_refs, refcoco_items,
+                          save_exclusion)
 
 
 def _py2_pickle(obj) -> bytes:
@@ -142,6 +143,9 @@ def test_exclusion_set_is_val_and_test_images(refcocog, tmp_path):
     assert prov["files"] == [{"file": "refcocog/refs(umd).p", "sha256": sha, "refs": 15, "non_train_refs": 10,
                               "images": 10}]
     assert prov["missing"] == ["refcoco/refs(unc).p", "refcoco+/refs(unc).p"]
+    save_exclusion(tmp_path / "excluded.json", ids, prov)
+    saved = json.loads((tmp_path / "excluded.json").read_text())
+    assert saved == {"image_ids": sorted(expected), "provenance": prov}
     # The google splits are opt-in; absent files are recorded, not fatal.
     ids_g, prov_g = excluded_image_ids(root, google=True)
     assert ids_g == ids and "refcocog/refs(google).p" in prov_g["missing"]
