@@ -77,3 +77,26 @@ def data_cfg(sources: list[dict], **kw) -> dict:
                decoder="pil")
     cfg.update(kw)
     return cfg
+
+
+def grounding_record(source: str, i: int, rng: np.random.Generator, *, size=(96, 64), n_refs=2,
+                     sentences=(1, 3), split: str = "val", ref_base: int = 0) -> tuple[dict, bytes]:
+    """An image with `n_refs` coloured boxes, each a ref with a mask RLE and 1-3 sentences."""
+    from pycocotools import mask as mask_utils
+
+    w, h = size
+    boxes, refs = [], []
+    for r in range(n_refs):
+        bw, bh = int(rng.integers(10, w // 2)), int(rng.integers(10, h // 2))
+        x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+        boxes.append([x, y, bw, bh])
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[y:y + bh, x:x + bw] = 1
+        rle = mask_utils.encode(np.asfortranarray(m))
+        k = int(rng.integers(sentences[0], sentences[1] + 1))
+        refs.append({"ref_id": ref_base + i * 10 + r, "ann_id": i * 10 + r, "category_id": 1, "split": split,
+                     "bbox": [x, y, bw, bh], "sentences": [sentence(rng) for _ in range(k)],
+                     "mask": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
+    rec = {"schema": 1, "source": source, "image_id": str(i), "width": w, "height": h, "orig_width": w,
+           "orig_height": h, "refs": refs}
+    return rec, jpeg(w, h, rng, boxes)

@@ -1,0 +1,255 @@
+"""Map-style grounding data over the same WebDataset shards: one item per (ref, sentence), exact eval.
+
+    ds = GroundingDataset("runs/demo/shards/refcoco/val", tokenizer, train=False)
+    loader = build_grounding_loader("…/val", tokenizer, train=False, batch_size=32, num_workers=4,
+                                    rank=r, world_size=w, epoch=0, seed=0)
+    ds.target(i)   # ground truth of item i in stored-image pixels, for the evaluator
+
+Random access uses `TarIndex`, an index of member offsets built by scanning the tar headers once (no
+extraction), so items are read with one seek each. The JSON of every image is parsed at start-up to
+enumerate the expressions; images and masks are decoded in the workers.
+
+Evaluation is exact: `ExactDistributedSampler` gives rank r the indices r, r + W, r + 2W, … with no padding,
+so every expression is visited exactly once over all ranks (ranks may differ by one item; gather results by
+`index` and never run collectives per batch in evaluation). Training uses torch's `DistributedSampler`
+(shuffled per epoch, padded so that ranks take equal steps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
+from shards.decode import DecodeError, decode_image
+from shards.stream import DataError, resolve_shards
+from shards.text import clean_caption, has_direction_words
+
+log = logging.getLogger(__name__)
+
+
+class TarIndex:
+    """Offsets of every member of a list of uncompressed tars, grouped into samples by key (WebDataset
+    convention: `<key>.<ext>`). `read(i, ext)` returns the bytes of sample i's member with one seek."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = list(paths)
+        self.keys: list[str] = []
+        self.members: list[dict[str, tuple[int, int]]] = []       # ext -> (shard, offset, size)
+        self.problems: Counter = Counter()
+        for si, p in enumerate(self.paths):
+            by_key: dict[str, dict] = {}
+            order: list[str] = []
+            try:
+                with tarfile.open(p, "r:") as tf:
+                    for m in tf:
+                        if not m.isreg() or "." not in os.path.basename(m.name):
+                            continue
+                        head, _, name = m.name.rpartition("/")
+                        stem, ext = name.split(".", 1)          # WebDataset: key = path up to the first dot
+                        key = f"{head}/{stem}" if head else stem
+                        if key not in by_key:
+                            by_key[key] = {}
+                            order.append(key)
+                        by_key[key][ext.lower()] = (si, m.offset_data, m.size)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self.problems["bad_tar"] += 1
+                log.warning("%s: unreadable tail of shard (%s); indexed %d samples before it", p, e, len(order))
+            for key in order:
+                self.keys.append(key)
+                self.members.append(by_key[key])
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int, ext: str) -> bytes:
+        if os.getpid() != self._pid:                 # never share file offsets with a forked worker
+            self._files, self._pid = {}, os.getpid()
+        si, off, size = self.members[i][ext]
+        f = self._files.get(si)
+        if f is None:
+            f = self._files[si] = open(self.paths[si], "rb")
+        f.seek(off)
+        data = f.read(size)
+        if len(data) != size:
+            raise DecodeError(f"{self.paths[si]}: member {self.keys[i]}.{ext} is truncated")
+        return data
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_files"] = {}
+        return d
+
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+class GroundingDataset(Dataset):
+    """One item per (ref, sentence) of the refs stored in `shard_dir` (one split, e.g. OUT/val/).
+
+    Items: image float32 [3,S,S] (letterboxed, normalised), text_ids/text_mask int64 [L], bbox float32 [4]
+    normalised (cx, cy, w, h) in the input, mask float32 [S,S], ref_id, sent_idx, index, scale, offset [2],
+    orig_size [2] (height, width of the stored image). Training: VG-LAW's crop/flip/translated letterbox,
+    drawn from a generator seeded by (seed, epoch, index) (`set_epoch` changes it)."""
+
+    def __init__(self, shard_dir: str | Path, tokenizer: Any, *, train: bool, image_size: int = 448,
+                 max_len: int = 40, seed: int = 0, flip_prob: float = 0.5, crop_prob: float = 0.5,
+                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil") -> None:
+        p = Path(shard_dir)
+        if not p.is_dir():
+            raise DataError(f"{p}: grounding split directory not found")
+        paths, _ = resolve_shards(str(p))
+        self.tok, self.train, self.size, self.max_len, self.seed = tokenizer, train, image_size, max_len, seed
+        self.flip_prob, self.crop_prob, self.mean, self.std, self.decoder = flip_prob, crop_prob, mean, std, decoder
+        self.epoch = 0
+        self.skips: Counter = Counter()
+        self.index = TarIndex(paths)
+        self.skips.update(self.index.problems)
+        self.images: list[dict] = []          # per stored image: key, sample index, width, height, refs
+        self.items: list[tuple[int, int, int]] = []     # (image, ref, sentence)
+        for si in range(len(self.index)):
+            self._add_image(si)
+        if not self.items:
+            raise DataError(f"{p}: no referring expressions found in the shards")
+
+    def _add_image(self, si: int) -> None:
+        key, members = self.index.keys[si], self.index.members[si]
+        if "json" not in members or not any(e in members for e in _IMAGE_EXTS):
+            self.skips["incomplete_sample"] += 1
+            return
+        try:
+            meta = json.loads(self.index.read(si, "json"))
+            w, h = int(meta["width"]), int(meta["height"])
+            refs = [r for r in meta.get("refs") or [] if len(r["bbox"]) == 4 and r["bbox"][2] > 0 and r["bbox"][3] > 0]
+        except (ValueError, KeyError, TypeError, DecodeError) as e:
+            self.skips["bad_json"] += 1
+            log.warning("%s: skipped (bad JSON: %s)", key, e)
+            return
+        img_i = len(self.images)
+        self.images.append({"key": key, "sample": si, "width": w, "height": h, "refs": refs,
+                            "image_id": meta.get("image_id"), "ext": next(e for e in _IMAGE_EXTS if e in members)})
+        for ri, r in enumerate(refs):
+            for k, sent in enumerate(r.get("sentences") or []):
+                if clean_caption(sent, 1000):
+                    self.items.append((img_i, ri, k))
+                else:
+                    self.skips["empty_sentence"] += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def target(self, index: int) -> dict:
+        """Ground truth of item `index` in stored-image pixels (what the evaluator scores against)."""
+        img_i, ri, k = self.items[index]
+        im, ref = self.images[img_i], self.images[img_i]["refs"][ri]
+        return {"index": index, "key": im["key"], "image_id": im["image_id"], "ref_id": ref.get("ref_id"),
+                "ann_id": ref.get("ann_id"), "sentence": k, "text": ref["sentences"][k],
+                "bbox": [float(x) for x in ref["bbox"]], "mask": ref.get("mask"),
+                "size": [im["height"], im["width"]]}
+
+    def _mask(self, ref: dict, h: int, w: int) -> torch.Tensor:
+        rle = ref.get("mask")
+        if rle:
+            from pycocotools import mask as mask_utils
+            r = dict(rle)
+            if isinstance(r.get("counts"), str):
+                r["counts"] = r["counts"].encode("ascii")
+            if list(r.get("size", [])) == [h, w]:
+                return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(r)))
+            self.skips["mask_size_mismatch"] += 1
+        else:
+            self.skips["mask_from_box"] += 1
+        m = torch.zeros(h, w, dtype=torch.uint8)       # no usable mask: the box region (counted)
+        x, y, bw, bh = ref["bbox"]
+        m[int(y):int(math.ceil(y + bh)), int(x):int(math.ceil(x + bw))] = 1
+        return m
+
+    def __getitem__(self, index: int) -> dict:
+        img_i, ri, k = self.items[index]
+        im = self.images[img_i]
+        ref = im["refs"][ri]
+        h, w = im["height"], im["width"]
+        try:
+            img = decode_image(self.index.read(im["sample"], im["ext"]), self.decoder)
+            if tuple(img.shape[-2:]) != (h, w):
+                raise DecodeError(f"image is {tuple(img.shape[-2:])}, JSON says {(h, w)}")
+        except DecodeError as e:
+            self.skips["bad_image"] += 1
+            log.warning("%s: undecodable image (%s); using a grey image", im["key"], e)
+            img = torch.full((3, h, w), 124, dtype=torch.uint8)
+        text = clean_caption(ref["sentences"][k], 1000)
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        v = grounding_view(img, ref["bbox"], self._mask(ref, h, w), text, train=self.train, size=self.size, rng=rng,
+                           flip_prob=self.flip_prob, crop_prob=self.crop_prob,
+                           crop_allowed=not has_direction_words(text))
+        enc = self.tok(v["text"], padding="max_length", truncation=True, max_length=self.max_len,
+                       return_attention_mask=True)
+        return {
+            "image": normalize(v["image"], self.mean, self.std),
+            "text_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+            "text_mask": torch.tensor(enc["attention_mask"], dtype=torch.long),
+            "bbox": v["bbox"].float(), "mask": v["mask"].float(),
+            "ref_id": torch.tensor(int(ref.get("ref_id", -1)), dtype=torch.long),
+            "sent_idx": torch.tensor(k, dtype=torch.long), "index": torch.tensor(index, dtype=torch.long),
+            "scale": torch.tensor(v["scale"], dtype=torch.float32),
+            "offset": torch.tensor(v["offset"], dtype=torch.float32),
+            "orig_size": torch.tensor([h, w], dtype=torch.long),
+        }
+
+
+def grounding_collate(items: list[dict]) -> dict:
+    """Stack the per-item tensors into the grounding batch."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class ExactDistributedSampler(Sampler[int]):
+    """Rank r of W visits indices r, r+W, r+2W, … (optionally permuted the same way on every rank):
+    every index exactly once over all ranks, no padding duplicates; rank sizes differ by at most one."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int, shuffle: bool = False, seed: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def build_grounding_loader(shard_dir: str | Path, tokenizer: Any, *, train: bool, batch_size: int, num_workers: int,
+                           rank: int, world_size: int, epoch: int, seed: int, image_size: int = 448,
+                           max_len: int = 40, dataset: Optional[GroundingDataset] = None, **dataset_kw) -> DataLoader:
+    """A DataLoader of grounding batches for one rank and epoch. Training: shuffled `DistributedSampler`
+    (equal steps on every rank, last partial batch dropped). Evaluation: `ExactDistributedSampler`, in order,
+    every expression once. Pass `dataset` to reuse an already indexed `GroundingDataset`."""
+    ds = dataset or GroundingDataset(shard_dir, tokenizer, train=train, image_size=image_size, max_len=max_len,
+                                     seed=seed, **dataset_kw)
+    ds.set_epoch(epoch)
+    if train:
+        sampler: Sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = ExactDistributedSampler(len(ds), rank=rank, world_size=world_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=grounding_collate, drop_last=train, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
