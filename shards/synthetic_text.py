@@ -213,18 +213,37 @@ def referring_expressions(objects: Sequence[SceneObject], t: int, side: float, r
 _COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
-def _position_word(o: SceneObject, scene: Scene) -> str:
+def _where(o: SceneObject, scene: Scene) -> str:
+    """Where an object sits, in words: "in the top left corner", "on the right", "at the top", ..."""
     cx, cy = o.center
-    col = "left" if cx < scene.width / 3 else "right" if cx > 2 * scene.width / 3 else "center"
-    row = "top" if cy < scene.height / 3 else "bottom" if cy > 2 * scene.height / 3 else "middle"
-    return "center" if (row, col) == ("middle", "center") else f"{row} {col}".replace("middle ", "")
+    col = "left" if cx < scene.width / 3 else "right" if cx > 2 * scene.width / 3 else None
+    row = "top" if cy < scene.height / 3 else "bottom" if cy > 2 * scene.height / 3 else None
+    if row and col:
+        return f"in the {row} {col} corner"
+    if col:
+        return f"on the {col}"
+    return f"at the {row}" if row else "in the center"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _a(phrase: str) -> str:
+    return f"{_article(phrase)} {phrase}"
+
+
+def _relation_word(a: SceneObject, b: SceneObject) -> str:
+    """Where a lies relative to b along the axis that separates them most."""
+    dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+    return ("left of" if dx > 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
 
 
 def _inventory(scene: Scene) -> str:
     counts: dict[str, int] = {}
     for o in scene.objects:
         counts[o.label] = counts.get(o.label, 0) + 1
-    parts = [f"{_COUNT_WORDS[n]} {label}s" if n > 1 else f"a {label}" for label, n in counts.items()]
+    parts = [f"{_COUNT_WORDS[n]} {label}s" if n > 1 else _a(label) for label, n in counts.items()]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -234,17 +253,18 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     objs = scene.objects
     bg = f"{scene.tone} {scene.background if scene.background != 'noise' else 'noisy'} background"
     a, b = objs[0], objs[-1]
-    rel = "left of" if a.center[0] < b.center[0] else "right of"
+    rel = _relation_word(a, b)
     out = [
         f"{_inventory(scene)} on a {bg}",
         f"{_COUNT_WORDS[len(objs)]} shapes on a {bg}",
-        f"a {a.size} {a.label} in the {_position_word(a, scene)} of the picture",
-        f"a {a.label} {rel} a {b.label}" if len(objs) > 1 else f"a single {a.label} on a {bg}",
+        f"{_a(a.size)} {a.label} {_where(a, scene)} of the picture",
+        f"{_a(a.label)} {rel} {_a(b.label)}",
         f"a {scene.background} pattern with {_inventory(scene)}",
     ]
     if rng.random() < 0.3:
-        big = [o for o in objs if o.size == "large"]
-        out.append(f"the biggest shape is a {big[0].label}" if big else "all of the shapes are small")
+        areas = [o.bbox[2] * o.bbox[3] for o in objs]
+        out.append(f"the biggest shape is {_a(objs[int(np.argmax(areas))].label)}"
+                   if any(o.size == "large" for o in objs) else "all of the shapes are small")
     styled = []
     for c in out:
         r = rng.random()
@@ -260,11 +280,11 @@ def region_phrases(scene: Scene, rng: np.random.Generator) -> list[tuple[str, li
     out: list[tuple[str, list[float]]] = []
     objs = scene.objects
     for o in objs:
-        tpl = ("a {s} {c} {sh}", "the {sh} is {c}", "{c} {sh}", "{s} {sh} in the {p}")[int(rng.integers(4))]
-        out.append((tpl.format(s=o.size, c=o.color, sh=o.shape, p=_position_word(o, scene)), o.bbox))
+        tpl = ("{a} {s} {c} {sh}", "the {sh} is {c}", "{c} {sh}", "{s} {sh} {p}")[int(rng.integers(4))]
+        out.append((tpl.format(a=_article(o.size), s=o.size, c=o.color, sh=o.shape,
+                               p=_where(o, scene)), o.bbox))
     for a, b in zip(objs, objs[1:]):
-        dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
-        rel = ("left of" if dx > 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
+        rel = _relation_word(a, b)
         ax, ay, aw, ah = a.bbox
         bx, by, bw, bh = b.bbox
         x0, y0 = min(ax, bx), min(ay, by)
