@@ -16,6 +16,7 @@ so every expression is visited exactly once over all ranks (ranks may differ by 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -211,7 +212,7 @@ class GroundingDataset(Dataset):
         }
 
 
-def grounding_collate(items: list[dict]) -> dict:
+def collate_grounding(items: list[dict]) -> dict:
     """Stack the per-item tensors into the grounding batch."""
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
@@ -236,12 +237,29 @@ class ExactDistributedSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world))
 
 
-def build_grounding_loader(shard_dir: str | Path, tokenizer: Any, *, train: bool, batch_size: int, num_workers: int,
-                           rank: int, world_size: int, epoch: int, seed: int, image_size: int = 448,
-                           max_len: int = 40, dataset: Optional[GroundingDataset] = None, **dataset_kw) -> DataLoader:
+class _SkipFirst(Sampler[int]):
+    """The indices of `sampler` after the first `n` (resuming mid-epoch: the same remaining order)."""
+
+    def __init__(self, sampler: Sampler, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.n, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.n)
+
+
+def build_grounding_loader(shard_dir: str | Path | GroundingDataset, tokenizer: Any = None, *, train: bool,
+                           batch_size: int, num_workers: int, rank: int, world_size: int, epoch: int, seed: int,
+                           image_size: int = 448, max_len: int = 40, start_batch: int = 0,
+                           dataset: Optional[GroundingDataset] = None, **dataset_kw) -> DataLoader:
     """A DataLoader of grounding batches for one rank and epoch. Training: shuffled `DistributedSampler`
-    (equal steps on every rank, last partial batch dropped). Evaluation: `ExactDistributedSampler`, in order,
-    every expression once. Pass `dataset` to reuse an already indexed `GroundingDataset`."""
+    (equal steps on every rank, last partial batch dropped); `start_batch` skips the epoch's first batches
+    (index-only, so a resumed run sees the same remaining batches). Evaluation: `ExactDistributedSampler`, in
+    order, every expression once. `shard_dir` may be an already indexed `GroundingDataset` (or pass `dataset`)."""
+    if isinstance(shard_dir, GroundingDataset):
+        dataset = shard_dir
     ds = dataset or GroundingDataset(shard_dir, tokenizer, train=train, image_size=image_size, max_len=max_len,
                                      seed=seed, **dataset_kw)
     ds.set_epoch(epoch)
@@ -250,6 +268,8 @@ def build_grounding_loader(shard_dir: str | Path, tokenizer: Any, *, train: bool
         sampler.set_epoch(epoch)
     else:
         sampler = ExactDistributedSampler(len(ds), rank=rank, world_size=world_size)
+    if start_batch:
+        sampler = _SkipFirst(sampler, start_batch * batch_size)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=grounding_collate, drop_last=train, pin_memory=torch.cuda.is_available(),
+                      collate_fn=collate_grounding, drop_last=train, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)

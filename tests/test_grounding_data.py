@@ -100,6 +100,9 @@ def test_training_loader_equal_steps_and_epoch_shuffle(split_dir, tok):
     r0, r1, r2 = run(0, 0), run(1, 0), run(2, 0)
     assert len(r0) == len(r1) == len(r2) > 0
     assert run(0, 0) == r0 and run(0, 1) != r0
+    resumed = build_grounding_loader(ds, train=True, batch_size=2, num_workers=0, rank=0, world_size=3, epoch=0,
+                                     seed=1, start_batch=1)
+    assert [b["index"].tolist() for b in resumed] == r0[1:]
 
 
 def test_corrupt_image_and_missing_dir(tmp_path, tok):
