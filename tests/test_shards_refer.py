@@ -23,12 +23,38 @@ from shards.refer import (ReferFormatError, excluded_image_ids, load_instances, 
                           save_exclusion)
 
 
-def _py2_pickle(obj) -> bytes:
-    """Serialise like Python 2's cPickle (protocol 2): every str becomes a Python-2 *byte* string
-    (SHORT_BINSTRING/BINSTRING of its UTF-8 bytes), which Python 3 can only read with an encoding."""
-    out = bytearray(b"\x80\x02")
+def _py2_pickle(obj, protocol: int = 2) -> bytes:
+    """Serialise like Python 2's cPickle: every str becomes a Python-2 *byte* string of its UTF-8 bytes
+    (binary SHORT_BINSTRING/BINSTRING at protocol 2, quoted STRING lines at protocol 0), which Python 3
+    can only read with an encoding."""
+    out = bytearray(b"\x80\x02" if protocol == 2 else b"")
 
     def dump(o):
+        if protocol == 0:
+            if isinstance(o, bool) or o is None:
+                out.extend({True: b"I01\n", False: b"I00\n", None: b"N"}[o])
+            elif isinstance(o, int):
+                out.extend(b"I%d\n" % o if -2**31 <= o < 2**31 else b"L%dL\n" % o)
+            elif isinstance(o, float):
+                out.extend(b"F" + repr(o).encode() + b"\n")
+            elif isinstance(o, str):
+                body = "".join(chr(c) if 32 <= c < 127 and chr(c) not in "'\\" else f"\\x{c:02x}"
+                               for c in o.encode("utf-8"))
+                out.extend(b"S'" + body.encode("ascii") + b"'\n")
+            elif isinstance(o, list):
+                out.extend(b"(l")
+                for v in o:
+                    dump(v)
+                    out.extend(b"a")
+            elif isinstance(o, dict):
+                out.extend(b"(d")
+                for k, v in o.items():
+                    dump(k)
+                    dump(v)
+                    out.extend(b"s")
+            else:
+                raise TypeError(type(o))
+            return
         if isinstance(o, bool):
             out.extend(b"\x88" if o else b"\x89")
         elif o is None:
@@ -91,17 +117,20 @@ def test_load_refs_real_fixture_and_both_protocols(refcocog, tmp_path):
     refs = load_refs(refcocog / "refs(umd).p")  # a protocol-4 pickle
     assert refs == _raw_refs(refcocog)
     assert Counter(r["split"] for r in refs) == {"train": 5, "val": 5, "test": 5}
-    p2 = tmp_path / "refs(p2).p"
-    p2.write_bytes(pickle.dumps(refs, protocol=2))
-    assert load_refs(p2) == refs
+    for protocol in (0, 1, 2, 5):
+        p = tmp_path / f"refs(p{protocol}).p"
+        p.write_bytes(pickle.dumps(refs, protocol=protocol))
+        assert load_refs(p) == refs
     # Python-2 byte strings, one of them non-ASCII UTF-8: the latin1 fallback, then an exact repair
     py2 = [dict(r) for r in refs]
     py2[0] = {**py2[0], "sentences": [{**py2[0]["sentences"][0], "raw": "a woman in a café"}]}
-    p = tmp_path / "refs(py2).p"
-    p.write_bytes(_py2_pickle(py2))
-    with pytest.raises(UnicodeDecodeError):
-        pickle.loads(p.read_bytes())
-    assert load_refs(p) == py2
+    for protocol in (0, 2):
+        p = tmp_path / f"refs(py2-{protocol}).p"
+        p.write_bytes(_py2_pickle(py2, protocol))
+        with pytest.raises(UnicodeDecodeError):
+            pickle.loads(p.read_bytes())
+        assert pickle.loads(p.read_bytes(), encoding="bytes")[0][b"ref_id"] == refs[0]["ref_id"]  # really bytes
+        assert load_refs(p) == py2
 
 
 def test_load_refs_rejects_bad_files(tmp_path):
