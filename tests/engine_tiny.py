@@ -57,6 +57,26 @@ def make_batch(seed: int, epoch: int, index: int, rank: int, size: int) -> dict:
     return batch
 
 
+def export_max_diff(task: nn.Module, cfg, export_dir: str) -> float:
+    """Largest |exported - live| over all weights (gathers ZeRO-3 partitions; collective on every rank)."""
+    from pretrain.checkpoint import load_consolidated
+
+    exported = load_consolidated(export_dir)
+    params = list(task.parameters())
+    if cfg.engine.deepspeed and cfg.engine.zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        live = {k: v.detach().float().cpu().clone() for k, v in task.state_dict().items()}
+    assert set(live) == set(exported), (sorted(live), sorted(exported))
+    return max(float((live[k] - exported[k].float()).abs().max()) for k in live)
+
+
 def main(argv: list[str]) -> int:
     cfg = load_config(PretrainConfig, argv[0], argv[1:])
     torch.manual_seed(cfg.run.seed)
@@ -71,6 +91,8 @@ def main(argv: list[str]) -> int:
             yield make_batch(cfg.run.seed, epoch, i, rank, cfg.data.batch_size)
 
     summary = train(cfg, task, make_loader, batches_per_epoch=cfg.data.batches_per_epoch)
+    if summary["export"]:
+        summary["export_max_diff"] = export_max_diff(task, cfg, summary["export"])
     if rank == 0:
         Path(cfg.run.out_dir, "summary.json").write_text(json.dumps(summary))
     return 0
