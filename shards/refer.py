@@ -181,11 +181,14 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
     if split_by not in SPLIT_BYS[dataset]:
         raise ReferFormatError(f"{dataset}/refs({split_by}).p",
                                f"{dataset} has no {split_by!r} split (expected {' or '.join(SPLIT_BYS[dataset])})")
+    root = Path(refer_root)
+    if not root.is_dir():
+        raise ReferFormatError(root, "no such directory" if not root.exists() else "not a directory")
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ReferFormatError(images_dir, "no such directory" if not images_dir.exists() else "not a directory")
-    refs = load_refs(refs_path(refer_root, dataset, split_by))
-    inst_path = Path(refer_root) / dataset / "instances.json"
+    refs = load_refs(refs_path(root, dataset, split_by))
+    inst_path = root / dataset / "instances.json"
     inst = load_instances(inst_path)
     anns = {a["id"]: a for a in inst["annotations"]}
     sizes = {im["id"]: (int(im["width"]), int(im["height"])) for im in inst["images"]

@@ -234,6 +234,10 @@ def test_refcoco_items_counts_what_it_skips(refer_root, refcocog):
         refcoco_items(root, "refcocog", "unc", images)
     with pytest.raises(ReferFormatError, match="no such file"):
         refcoco_items(root, "refcoco", "unc", images)
+    with pytest.raises(ReferFormatError, match="no such directory"):
+        refcoco_items(root / "nope", "refcocog", "umd", images)
+    with pytest.raises(ReferFormatError, match="no such directory"):
+        refcoco_items(root, "refcocog", "umd", images / "nope")
 
 
 def _read_shards(split_dir: Path) -> list[dict]:
