@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -151,11 +152,18 @@ def _build_shard(out_dir: str, index: int, chunk: list[Item], max_side: int | No
     tmp = out / f"{name}.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
         for item in chunk:
-            res = convert_item(item, max_side, skipped, repaired)
+            try:
+                res = convert_item(item, max_side, skipped, repaired)
+            except AssertionError:
+                raise
+            except Exception as e:  # one odd sample must not end a million-image job: count and report it
+                skipped["sample_error"] += 1
+                print(f"warning: {item.key}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
             if res is None:
                 continue
             jpg, rec = res
-            payload = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            payload = json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=_json_scalar).encode("utf-8")
             _add_member(tf, f"{item.key}.jpg", jpg)
             _add_member(tf, f"{item.key}.json", payload)
             records.append(rec)
@@ -166,6 +174,13 @@ def _build_shard(out_dir: str, index: int, chunk: list[Item], max_side: int | No
     write_json_atomic(_stats_path(out, index), stats)
     os.replace(tmp, out / name)  # the tar appears last: its presence (with stats) means "done"
     return stats
+
+
+def _json_scalar(v: Any) -> Any:
+    """numpy scalars (e.g. ids read with numpy) as plain Python numbers."""
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON serializable")
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -306,7 +321,7 @@ def _convert_ref(r: dict, sx: float, sy: float, w: int, h: int, skipped: Counter
     if seg is not None:
         try:
             out["mask"] = segmentation_to_rle(seg, sx, sy, w, h)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
+        except Exception:  # pycocotools raises bare Exceptions on malformed input
             skipped["ref_bad_segmentation"] += 1
             return None
     return out

@@ -25,7 +25,7 @@ def _png_bomb(path, side: int) -> None:
                      + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def test_bad_sample_corpus(tmp_path):
+def test_bad_sample_corpus(tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
     good = io.BytesIO()
@@ -60,12 +60,19 @@ def test_bad_sample_corpus(tmp_path):
         item("unreadable"), item("truncated"), item("empty"), item("missing"), item("bomb"),
         item("cmyk"), item("grey"), item("png_named"),
         item("textless", "ok", captions=["", " \n ", "caf\udce9"]),   # nothing valid left: sample skipped
+        item("badref", "ok", refs=[
+            {"ref_id": 1, "split": "val", "bbox": [1, 1, 5, 5], "sentences": ["x"], "segmentation": [[1, 2, 3]]},
+            {"ref_id": 2, "split": "val", "bbox": [1, 1, 5, 5], "sentences": ["y"],
+             "segmentation": {"size": [3], "counts": "??"}},
+            {"ref_id": 3, "split": "val", "bbox": [1, 1, 5, 5], "sentences": [" "], "segmentation": [[1, 1, 5, 1, 5, 5]]}]),
+        Item("bad-noid", str(raw / "ok.jpg"), {"source": "bad", "captions": ["no image_id"]}),  # odd record
     ]
     m = build_shards(items, tmp_path / "out", source="bad", args={}, max_side=None)
-    assert m["samples"] == 4  # ok, cmyk, grey, png_named
+    assert m["samples"] == 5  # ok, cmyk, grey, png_named, badref (its caption survives, its refs do not)
     assert m["skipped"] == {"image_unreadable": 2, "image_truncated": 1, "image_missing": 1, "image_too_large": 1,
-                            "box_zero_area": 2, "text_empty": 3, "text_not_utf8": 2, "box_malformed": 1,
-                            "no_annotations": 1}
+                            "box_zero_area": 2, "text_empty": 4, "text_not_utf8": 2, "box_malformed": 1,
+                            "no_annotations": 1, "ref_bad_segmentation": 2, "ref_no_sentences": 1,
+                            "sample_error": 1}
     assert m["repaired"] == {"box_clipped": 1, "image_cmyk_to_rgb": 1, "image_grey_to_rgb": 1, "image_not_jpeg": 1}
     assert check_dir(tmp_path / "out") == []
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tf:
@@ -74,6 +81,8 @@ def test_bad_sample_corpus(tmp_path):
             if n.endswith(".jpg"):
                 im = Image.open(io.BytesIO(tf.extractfile(n).read()))
                 assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (200, 150))
-    assert sorted(recs) == ["bad-cmyk.json", "bad-grey.json", "bad-ok.json", "bad-png_named.json"]
+    assert sorted(recs) == ["bad-badref.json", "bad-cmyk.json", "bad-grey.json", "bad-ok.json", "bad-png_named.json"]
+    assert "refs" not in recs["bad-badref.json"]
     assert recs["bad-ok.json"]["regions"] == [{"bbox": [150.0, 100.0, 50.0, 50.0], "text": "half outside",
                                                "kind": "region"}]
+    assert "warning: bad-noid: skipped (KeyError" in capsys.readouterr().err
