@@ -24,7 +24,8 @@ def _common(p: argparse.ArgumentParser, max_side: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m shards", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m shards", description=(
+        "Raw datasets -> WebDataset shards of one schema: converters, synthetic raw data, inspect, demo."))
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("coco", help="COCO captions (+ instances) -> captions + object regions")

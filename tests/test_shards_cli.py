@@ -64,6 +64,15 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert r.stderr.startswith(f"error: {tmp_path / 'x.json'}: no such file")
 
 
+def test_synthetic_subcommand(tmp_path, capsys):
+    assert main(["synthetic", "--out", str(tmp_path / "raw"), "--images", "8", "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["seed"] == 3 and summary["coco"]["images"] == 8
+    for p in ("coco/annotations/captions_train2017.json", "vg/image_data.json", "cc3m/00000.tar",
+              "objects365/zhiyuan_objv2_train.json", "refer/refcoco/refs(unc).p"):
+        assert (tmp_path / "raw" / p).is_file(), p
+
+
 def test_inspect_check_finds_corruption(tmp_path, capsys):
     images, captions, instances = tiny_coco(tmp_path, n=4)
     out = tmp_path / "out"
