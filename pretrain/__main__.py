@@ -48,15 +48,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.config import ConfigError, PretrainConfig, load_config
-    from shards.stream import DataError, parse_sources
 
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from shards.stream import DataError, parse_sources
+
+    try:
         parse_sources(cfg.data.sources)              # fail fast on missing shard paths, on every rank
         from shards.text import build_tokenizer
 
         tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info.rank == 0:
