@@ -13,6 +13,7 @@ from pathlib import Path
 from shards.inputs import InputError
 
 PRETRAIN_MAX_SIDE = 640
+EXCLUDED_IDS_FILE = "excluded_refer_ids.json"  # the exclusion set, sorted, beside the coco/vg manifest
 
 
 def _common(p: argparse.ArgumentParser, max_side: int | None) -> None:
@@ -149,7 +150,10 @@ def run(ns: argparse.Namespace) -> int:
         items, skips, extra = objects365_items(ns.images, ns.annotations)
         source, prov = "objects365", {}
     if prov:
-        extra["exclude_refer"] = prov
+        from shards.refer import save_exclusion
+        extra["exclude_refer"] = {**prov, "ids_file": EXCLUDED_IDS_FILE}
+        ns.out.mkdir(parents=True, exist_ok=True)
+        save_exclusion(ns.out / EXCLUDED_IDS_FILE, exclude, prov)
     m = build_shards(items, ns.out, source=source, extra_skips=skips, extra_counts=extra, **common)
     _report(ns.out, m)
     return 0

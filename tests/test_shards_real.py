@@ -165,3 +165,4 @@ def test_exclusion_real_refcocog(real_fixtures, tmp_path):
         prov = m["extra"]["exclude_refer"]
         assert prov["images"] == 10 and [f["file"] for f in prov["files"]] == ["refcocog/refs(umd).p"]
         assert len(prov["files"][0]["sha256"]) == 64
+        assert json.loads((tmp_path / d / prov["ids_file"]).read_text())["image_ids"] == sorted(excluded)
