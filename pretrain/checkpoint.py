@@ -3,13 +3,15 @@
 Layout under `run.out_dir/checkpoints/`:
     step_00001000/            one DeepSpeed checkpoint tag (or the plain loop's equivalent), plus
         rng_rank{r}.pt        every rank's RNG states (DeepSpeed keeps client_state from rank 0 only)
-    latest                    the tag of the newest *complete* checkpoint
+        complete              written once every rank has finished writing this tag
+    latest                    the tag of the newest complete checkpoint
 
 DeepSpeed writes its own `latest` by truncating and rewriting the file in place, so a job killed at that
 moment leaves it empty. We save with `save_latest=False`, wait until every rank has finished writing the
-tag, and only then replace `latest` atomically (write a temp file, fsync, `os.replace`). An interrupted save
-therefore leaves a partial tag directory that nothing points to, and the previous checkpoint stays current.
-Only the newest `keep` complete tags are kept.
+tag, mark the tag `complete`, and only then replace `latest` atomically (write a temp file, fsync,
+`os.replace`). An interrupted save therefore leaves a partial tag directory without the marker that nothing
+points to, and the previous checkpoint stays current; the next save removes it. Only the newest `keep`
+complete tags are kept.
 
 `export_consolidated` writes `out_dir/export/model.safetensors` (fp32 task weights, also from ZeRO-3) and
 `config.yaml`, which `finetune` loads with `load_consolidated` and no DeepSpeed.
@@ -31,6 +33,7 @@ from pretrain.config import save_config
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+COMPLETE = "complete"
 
 
 def tag_for(step: int) -> str:
@@ -87,14 +90,18 @@ def list_tags(ckpt_dir: str | Path) -> list[str]:
                   key=lambda n: int(TAG_RE.match(n).group(1)))
 
 
+def is_complete(ckpt_dir: str | Path, tag: str) -> bool:
+    return (Path(ckpt_dir) / tag / COMPLETE).is_file()
+
+
 def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
-    """Delete all tags but the newest `keep` up to `latest` (partial newer tags from a killed save go too)."""
+    """Delete all tags but the newest `keep` complete ones (and `latest`); partial tags of killed saves go too.
+    Call only between saves (rank 0, after `latest` moved)."""
     latest = read_latest(ckpt_dir)
     if latest is None:
         return []
-    latest_step = int(TAG_RE.match(latest).group(1))
     tags = list_tags(ckpt_dir)
-    complete = [t for t in tags if int(TAG_RE.match(t).group(1)) <= latest_step]
+    complete = [t for t in tags if is_complete(ckpt_dir, t)]
     keep_set = set(complete[-keep:]) | {latest}
     removed = [t for t in tags if t not in keep_set]
     for t in removed:
@@ -107,13 +114,16 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     """Collective: every rank calls it. `engine` is a DeepSpeedEngine or a PlainEngine (same methods)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    if du.is_dist():
-        du.barrier()
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if du_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if (ckpt_dir / tag).exists() and read_latest(ckpt_dir) != tag:
+            shutil.rmtree(ckpt_dir / tag)   # leftovers of a save killed earlier at this step
+    du.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{du_rank()}.pt")
-    du.barrier()                            # every rank's files are on disk before `latest` moves
+    du.barrier()                            # every rank's files are on disk before the tag counts
     if du_rank() == 0:
+        (ckpt_dir / tag / COMPLETE).write_text(f"step {step}\n")
         write_latest(ckpt_dir, tag)
         prune(ckpt_dir, keep)
     du.barrier()

@@ -153,6 +153,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     peak = peak_flops(device, cfg.engine.precision)
 
     nan_streak, nan_total, last_loss, last_saved, last_eval = 0, 0, float("nan"), None, None
+    if resume is not None:
+        last_saved = resume[0] / resume[1]      # a run resumed at total_steps still exports
     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
     try:
         with PreemptionFlag() as preempt:
