@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {"law": build(preset, law=True, mask_grounding=False, device=device),
             "static": build(preset, law=False, mask_grounding=False, device=device),
             "law_mg": build(preset, law=True, mask_grounding=True, device=device)}
+    if args.compile:
+        runs = {k: (torch.compile(task), opt) for k, (task, opt) in runs.items()}
     for task, opt in runs.values():
         for _ in range(args.warmup):
             train_step(task, opt, batch, autocast)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             times[name] += time.perf_counter() - t0
     sps = {k: steps * batch_size / t for k, t in times.items()}
 
-    model = runs["law"][0].model.eval()
+    model = getattr(runs["law"][0], "_orig_mod", runs["law"][0]).model.eval()
     with torch.no_grad(), autocast():
         for _ in range(args.warmup):
             model.predict(batch["image"], batch["text_ids"], batch["text_mask"])
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_eps = steps * batch_size / (time.perf_counter() - t0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": name, "preset": preset, "image_size": size, "batch": batch_size, "precision": precision,
-              "steps": steps, "samples_per_s": round(sps["law"], 3),
+              "steps": steps, "compile": args.compile, "samples_per_s": round(sps["law"], 3),
               "static_vit_samples_per_s": round(sps["static"], 3), "ratio": round(sps["law"] / sps["static"], 4),
               "mask_grounding_samples_per_s": round(sps["law_mg"], 3),
               "eval_expressions_per_s": round(eval_eps, 3)}
