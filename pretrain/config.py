@@ -322,7 +322,11 @@ class PretrainDataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000
     batches_per_epoch: int = 1000           # per rank; fixed so ranks never deadlock
-    decoder: str = "pil"                    # pil | simplejpeg | torchvision
+    decoder: str = "pil"                    # pil | simplejpeg | torchvision (bench/loader.py compares them)
+    max_tokens: Optional[int] = None        # text length L incl. [CLS]/[SEP]; None = max_words + 2 (X-VLM: 40)
+    decode_reduce: bool = True              # decode JPEGs at 1/2, 1/4, 1/8 scale when the crop still covers image_size
+    mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
+    std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
 
 
 @dataclass

@@ -39,44 +39,60 @@ _BICUBIC = InterpolationMode.BICUBIC
 
 
 def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [...,3,H,W] -> float32 normalised."""
-    x = img.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+    """uint8 [...,3,H,W] -> float32 normalised, (x/255 - mean)/std in two in-place passes."""
+    x = img.to(torch.float32)
+    m = torch.tensor([255.0 * v for v in mean], dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=x.dtype).view(3, 1, 1)
+    return x.sub_(m).mul_(s)
+
+
+def _pil_op(img, op: str, level: float, sign: float):
+    from PIL import Image, ImageEnhance, ImageOps
+
+    grey = (128, 128, 128)
+    if op == "autocontrast":
+        return ImageOps.autocontrast(img)
+    if op == "equalize":
+        return ImageOps.equalize(img)
+    if op == "brightness":
+        return ImageEnhance.Brightness(img).enhance(0.1 + 1.8 * level)
+    if op == "sharpness":
+        return ImageEnhance.Sharpness(img).enhance(0.1 + 1.8 * level)
+    if op == "shear_x":
+        return img.transform(img.size, Image.AFFINE, (1, sign * 0.3 * level, 0, 0, 1, 0), fillcolor=grey)
+    if op == "shear_y":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, sign * 0.3 * level, 1, 0), fillcolor=grey)
+    if op == "translate_x":
+        return img.transform(img.size, Image.AFFINE, (1, 0, -sign * 10 * level, 0, 1, 0), fillcolor=grey)
+    if op == "translate_y":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, -sign * 10 * level), fillcolor=grey)
+    if op == "rotate":
+        return img.rotate(sign * 30.0 * level, fillcolor=grey)
+    return img
 
 
 def rand_augment(img: torch.Tensor, rng: np.random.Generator, *, n_ops: int = 2, magnitude: int = 7,
                  geometric: bool = False) -> torch.Tensor:
     """X-VLM's `RandomAugment(2, 7)`: `n_ops` ops drawn uniformly, each applied with probability 0.5, at the
     ALBEF/X-VLM level mapping (brightness/sharpness factor 0.1 + 1.8 m/10, shear 0.3 m/10, translate 10 m/10 px,
-    rotate 30 m/10 degrees, geometric signs random). uint8 [3,H,W] in and out."""
+    rotate 30 m/10 degrees, geometric signs random). uint8 [3,H,W] in and out.
+
+    The ops run in Pillow: on 224-px uint8 images torchvision's tensor kernels measured 3-20x slower here
+    (rotate 6.3 vs 0.3 ms, affine 5.7 vs 0.4 ms, equalize 2.5 vs 0.8 ms). No boxes move with these ops."""
     ops = PHOTOMETRIC_OPS + (GEOMETRIC_OPS if geometric else ())
-    level = magnitude / 10.0
+    chosen = []
     for k in rng.integers(0, len(ops), size=n_ops):
-        if rng.random() >= 0.5:
-            continue
-        op = ops[k]
-        sign = 1.0 if rng.random() < 0.5 else -1.0
-        if op == "autocontrast":
-            img = F.autocontrast(img)
-        elif op == "equalize":
-            img = F.equalize(img)
-        elif op == "brightness":
-            img = F.adjust_brightness(img, 0.1 + 1.8 * level)
-        elif op == "sharpness":
-            img = F.adjust_sharpness(img, 0.1 + 1.8 * level)
-        elif op == "shear_x":
-            img = F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(sign * 0.3 * level)), 0.0], fill=128)
-        elif op == "shear_y":
-            img = F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(sign * 0.3 * level))], fill=128)
-        elif op == "translate_x":
-            img = F.affine(img, angle=0.0, translate=[int(sign * 10 * level), 0], scale=1.0, shear=[0.0, 0.0], fill=128)
-        elif op == "translate_y":
-            img = F.affine(img, angle=0.0, translate=[0, int(sign * 10 * level)], scale=1.0, shear=[0.0, 0.0], fill=128)
-        elif op == "rotate":
-            img = F.rotate(img, angle=sign * 30.0 * level, fill=128)
-    return img
+        apply, sign = rng.random() < 0.5, (1.0 if rng.random() < 0.5 else -1.0)
+        if apply and ops[k] != "identity":
+            chosen.append((ops[k], sign))
+    if not chosen:
+        return img
+    from PIL import Image
+
+    pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
+    for op, sign in chosen:
+        pil = _pil_op(pil, op, magnitude / 10.0, sign)
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,10 +105,13 @@ def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path, *, min_coun
 # Tokenize + MLM
 # ----------------------------------------------------------------------------------------------
 def tokenize(tokenizer, texts: Sequence[str], max_len: int):
-    """Batch-encode to fixed length `max_len` ([CLS] ... [SEP] [PAD]...). Returns (ids, mask, encoding)."""
+    """Batch-encode to fixed length `max_len` ([CLS] ... [SEP] [PAD]...). Returns (ids, mask, encoding).
+
+    Python lists from the fast tokenizer, then one tensor each: `return_tensors="pt"` is ~6x slower here."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
-                    return_tensors="pt", return_attention_mask=True)
-    return enc["input_ids"].long(), enc["attention_mask"].long(), enc
+                    return_attention_mask=True)
+    return (torch.from_numpy(np.array(enc["input_ids"], dtype=np.int64)),
+            torch.from_numpy(np.array(enc["attention_mask"], dtype=np.int64)), enc)
 
 
 class MLMMasker:
@@ -127,23 +130,21 @@ class MLMMasker:
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`ids` [B,L]; `word_ids[b][j]` the word of token j (None for specials/padding, as a fast
         tokenizer's `encoding.word_ids(b)` gives). Returns (mlm_ids, mlm_labels)."""
-        out = ids.clone()
-        labels = torch.full_like(ids, -100)
-        ids_np = ids.numpy()
-        for b in range(ids.shape[0]):
+        out = ids.numpy().copy()
+        labels = np.full_like(out, -100)
+        for b in range(out.shape[0]):
             pos = self._choose(word_ids[b], rng)
             if not pos:
                 continue
-            pos = np.array(pos, dtype=np.int64)
-            labels[b, pos] = ids[b, pos]
+            labels[b, pos] = out[b, pos]
             u = rng.random(len(pos))
-            new = ids_np[b, pos].copy()
+            new = out[b, pos]
             new[u < 0.8] = self.mask_id
             rand = (u >= 0.8) & (u < 0.9)
             if rand.any():
                 new[rand] = rng.choice(self.random_pool, size=int(rand.sum()))
-            out[b, pos] = torch.from_numpy(new)
-        return out, labels
+            out[b, pos] = new
+        return torch.from_numpy(out), torch.from_numpy(labels)
 
     def _choose(self, words: Sequence[Optional[int]], rng: np.random.Generator) -> list[int]:
         cand = [j for j, w in enumerate(words) if w is not None]
