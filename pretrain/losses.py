@@ -13,49 +13,73 @@ from .box_ops import box_cxcywh_to_xyxy, elementwise_giou
 from .gather import all_gather_with_grad, rank_and_world
 
 
-def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor,
+             valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Symmetric InfoNCE of local rows against the GLOBAL batch of normalised features [B, e].
 
-    Each rank's loss is the mean over its own B rows; with the gradient-carrying gather and data-parallel
-    gradient averaging this is exactly the mean over the global batch, for any world size (no 1/world factor).
-    Every rank must pass the same B. Returns (loss, local logits image->text [B, B], text->image [B, B]), the
-    latter two detached, for ITM negative sampling.
+    The loss is normalised so that, with the gradient-carrying gather and data-parallel gradient averaging
+    (mean over ranks), value and gradient are exactly those of the mean over the global batch, for any world
+    size (no 1/world factor). `valid` [B] (bool) marks real pairs: padding repeats (the loader repeats region
+    texts to a fixed count) are neither rows of the loss nor negatives of other rows. Every rank must pass the
+    same B. Returns (loss, local logits image->text [B, B], text->image [B, B]), the latter two detached.
     """
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
     b = image_feat.shape[0]
     image_all = all_gather_with_grad(image_feat)
     text_all = all_gather_with_grad(text_feat)
     logits_i2t = image_feat @ text_all.t() / temp
     logits_t2i = text_feat @ image_all.t() / temp
     target = torch.arange(b, device=image_feat.device) + rank * b
-    loss = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    if valid is None:
+        loss = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    else:
+        valid_all = all_gather_with_grad(valid.to(image_feat.dtype)).detach() > 0
+        keep = valid_all[None, :] | F.one_hot(target, valid_all.shape[0]).bool()
+        rows = (F.cross_entropy(logits_i2t.masked_fill(~keep, float("-inf")), target, reduction="none")
+                + F.cross_entropy(logits_t2i.masked_fill(~keep, float("-inf")), target, reduction="none")) / 2
+        # mean over the valid rows of the global batch; x world because gradients get averaged over ranks
+        loss = (rows * valid).sum() * world / valid_all.sum().clamp(min=1)
     local = slice(rank * b, (rank + 1) * b)
     return loss, logits_i2t[:, local].detach(), logits_t2i[:, local].detach()
 
 
 @torch.no_grad()
-def sample_hard_negatives(logits: Tensor) -> Tensor:
+def sample_hard_negatives(logits: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """For each row i of a [B, B] similarity/temperature matrix, a column j != i drawn with weight
-    softmax(row) + 1e-5 (X-VLM). Non-finite weights count as 0; a row left with no weight falls back to uniform
-    over the other columns. One `torch.multinomial` call on the whole matrix; no host sync."""
+    softmax(row) + 1e-5 (X-VLM), among the `valid` columns only (padding repeats would be false negatives).
+    Non-finite weights count as 0. One `torch.multinomial` call on the whole matrix; no host sync.
+
+    Returns (column per row [B], ok [B] bool): a row with no usable column falls back to a uniform draw over
+    the other columns and gets ok=False, so the caller leaves that negative out of the loss.
+    """
     b = logits.shape[0]
     if b < 2 or logits.shape[1] != b:
         raise ValueError(f"hard negatives need a square similarity matrix with B >= 2, got {tuple(logits.shape)}")
     w = F.softmax(logits.float(), dim=1) + 1e-5
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
     eye = torch.eye(b, dtype=torch.bool, device=logits.device)
-    w = w.masked_fill(eye, 0.0)
-    empty = w.sum(dim=1, keepdim=True) <= 0
-    w = torch.where(empty, (~eye).to(w.dtype), w)
-    return torch.multinomial(w, 1).squeeze(1)
+    banned = eye if valid is None else eye | ~valid.bool()[None, :]
+    w = w.masked_fill(banned, 0.0)
+    ok = w.sum(dim=1) > 0
+    w = torch.where(ok[:, None], w, (~eye).to(w.dtype))
+    return torch.multinomial(w, 1).squeeze(1), ok
 
 
-def itm_loss(logits: Tensor, num_pos: int) -> tuple[Tensor, Tensor]:
-    """2-way matching loss over [3B, 2] logits ordered (B positives, 2B negatives); returns (loss, accuracy)."""
+def weighted_mean(x: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean of x, or its weighted mean (0 when all weights are 0) without a host sync."""
+    if weight is None:
+        return x.mean()
+    weight = weight.to(x.dtype)
+    return (x * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def itm_loss(logits: Tensor, num_pos: int, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """2-way matching loss over [3B, 2] logits ordered (B positives, 2B negatives), optionally weighted per
+    pair [3B]; returns (loss, accuracy)."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:num_pos] = 1
-    loss = F.cross_entropy(logits.float(), labels)
-    acc = (logits.argmax(dim=1) == labels).float().mean()
+    loss = weighted_mean(F.cross_entropy(logits.float(), labels, reduction="none"), weight)
+    acc = weighted_mean((logits.argmax(dim=1) == labels).float(), weight)
     return loss, acc
 
 
@@ -84,9 +108,10 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return loss, acc
 
 
-def box_losses(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(L1, GIoU) losses of predicted vs target normalised (cx, cy, w, h) boxes [R, 4], means over boxes."""
+def box_losses(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(L1, GIoU) losses of predicted vs target normalised (cx, cy, w, h) boxes [R, 4], (weighted) means
+    over boxes; L1 summed over the 4 coordinates as in X-VLM."""
     pred, target = pred.float(), target.float()
-    l1 = (pred - target).abs().sum(dim=1).mean()
-    giou = (1 - elementwise_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))).mean()
+    l1 = weighted_mean((pred - target).abs().sum(dim=1), weight)
+    giou = weighted_mean(1 - elementwise_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)), weight)
     return l1, giou

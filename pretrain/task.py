@@ -103,7 +103,8 @@ class PretrainTask(nn.Module):
         if has_region:
             tokens, key_mask, full = concept_tokens(vis[b:], batch["region_image_idx"], batch["region_bbox"], grid)
             region_terms = self._level(tokens, key_mask, states[2], batch["region_text_mask"], states[3],
-                                       batch["region_mlm_labels"], box_tokens=full, box_target=batch["region_bbox"])
+                                       batch["region_mlm_labels"], box_tokens=full, box_target=batch["region_bbox"],
+                                       valid=region_valid(batch))
             loss = loss + self.region_weight * self._weighted(region_terms)
             out.update({f"region_{k}" if k not in ("bbox", "giou") else k: v for k, v in region_terms.items()})
         out = {k: v.detach() for k, v in out.items()}
@@ -122,17 +123,21 @@ class PretrainTask(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
 
     def _level(self, vis: Tensor, vis_mask: Tensor | None, text: Tensor, text_mask: Tensor, mlm_text: Tensor,
-               mlm_labels: Tensor, box_tokens: Tensor | None = None, box_target: Tensor | None = None
-               ) -> dict[str, Tensor]:
-        """ITC + ITM + MLM (+ box) for one granularity; vis [B, 1+N, Dv] with its key mask (None = all)."""
+               mlm_labels: Tensor, box_tokens: Tensor | None = None, box_target: Tensor | None = None,
+               valid: Tensor | None = None) -> dict[str, Tensor]:
+        """ITC + ITM + MLM (+ box) for one granularity; vis [B, 1+N, Dv] with its key mask (None = all);
+        `valid` [B] marks real pairs (None = all), the others are padding repeats left out of the losses."""
         n = vis.shape[0]
         temp = self.temp.clamp(*TEMP_RANGE)
         image_feat = F.normalize(self.vision_proj(vis[:, 0]).float(), dim=-1)
         text_feat = F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)
-        itc, logits_i2t, logits_t2i = itc_loss(image_feat, text_feat, temp)
+        itc, logits_i2t, logits_t2i = itc_loss(image_feat, text_feat, temp, valid)
 
-        neg_image = sample_hard_negatives(logits_t2i)     # for each text, a hard negative image
-        neg_text = sample_hard_negatives(logits_i2t)      # for each image, a hard negative text
+        neg_image, ok_image = sample_hard_negatives(logits_t2i, valid)   # for each text, a hard negative image
+        neg_text, ok_text = sample_hard_negatives(logits_i2t, valid)     # for each image, a hard negative text
+        itm_weight = None
+        if valid is not None:
+            itm_weight = torch.cat([valid, valid & ok_image, valid & ok_text])
         # one fusion pass: [positives | text + neg image | neg text + image | MLM | (box)]
         f_text = [text, text, text[neg_text], mlm_text]
         f_tmask = [text_mask, text_mask, text_mask[neg_text], text_mask]
@@ -147,7 +152,7 @@ class PretrainTask(nn.Module):
         fused = self.fusion(torch.cat(f_text), torch.cat(f_tmask), torch.cat(f_vis),
                             None if f_vmask is None else torch.cat(f_vmask))
 
-        itm, itm_acc = itm_loss(self.itm_head(fused[:3 * n, 0]), n)
+        itm, itm_acc = itm_loss(self.itm_head(fused[:3 * n, 0]), n, itm_weight)
         pos, labels, overflow = select_masked_positions(mlm_labels, self.mlm_positions)
         h = fused[3 * n:4 * n].gather(1, pos.unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
         mlm, mlm_acc = mlm_loss(self.mlm_head(h, self.text.embeddings.word_embeddings.weight), labels)
@@ -155,8 +160,19 @@ class PretrainTask(nn.Module):
                  "mlm_overflow": overflow}
         if box_tokens is not None:
             pred = self.bbox_head(fused[4 * n:, 0]).float().sigmoid()
-            terms["bbox"], terms["giou"] = box_losses(pred, box_target)
+            terms["bbox"], terms["giou"] = box_losses(pred, box_target, valid)
         return terms
+
+
+def region_valid(batch: dict[str, Tensor]) -> Tensor:
+    """[R] bool: the real region texts; the loader fills R by repeating texts and puts the
+    `region_repeats` copies last (shards/stream.py)."""
+    r = batch["region_text_ids"].shape[0]
+    repeats = batch.get("region_repeats")
+    idx = torch.arange(r, device=batch["region_text_ids"].device)
+    if repeats is None:
+        return torch.ones_like(idx, dtype=torch.bool)
+    return idx < (r - repeats.to(idx.device))
 
 
 def build_task(cfg: PretrainConfig, tokenizer_vocab_size: int | None = None) -> PretrainTask:

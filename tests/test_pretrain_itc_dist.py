@@ -22,10 +22,16 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2 * B, DIN, generator=g), torch.randn(2 * B, DIN, generator=g)
 
 
-def step(model, temp, x_img, x_txt):
+# padding repeats (not real pairs): rank 0 has 2 real pairs, rank 1 only 1 -> uneven counts per rank
+VALID = torch.tensor([True, True, False, True, False, False])
+
+
+def step(model, temp, x_img, x_txt, valid=None):
+    model.zero_grad()
+    temp.grad = None
     img = F.normalize(model["img"](x_img), dim=-1)
     txt = F.normalize(model["txt"](x_txt), dim=-1)
-    loss = itc_loss(img, txt, temp)[0]
+    loss = itc_loss(img, txt, temp, valid)[0]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, temp.grad.clone()
 
@@ -36,13 +42,16 @@ def worker(rank: int, port: int, out: str) -> None:
     model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
     x_img, x_txt = make_data()
     sl = slice(rank * B, (rank + 1) * B)
-    loss, grads, tgrad = step(model, temp, x_img[sl], x_txt[sl])
-    # what data-parallel training does: average loss (for logging) and gradients over ranks
-    dist.all_reduce(loss)
-    for g in list(grads.values()) + [tgrad]:
-        dist.all_reduce(g)
+    results = []
+    for valid in (None, VALID[sl]):
+        loss, grads, tgrad = step(model, temp, x_img[sl], x_txt[sl], valid)
+        # what data-parallel training does: average loss (for logging) and gradients over ranks
+        dist.all_reduce(loss)
+        for g in list(grads.values()) + [tgrad]:
+            dist.all_reduce(g)
+        results.append({"loss": loss / 2, "grads": {k: v / 2 for k, v in grads.items()}, "temp": tgrad / 2})
     if rank == 0:
-        torch.save({"loss": loss / 2, "grads": {k: v / 2 for k, v in grads.items()}, "temp": tgrad / 2}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
@@ -54,13 +63,14 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_itc_is_world_size_independent(tmp_path):
-    model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
-    ref_loss, ref_grads, ref_tgrad = step(model, temp, *make_data())
     out = str(tmp_path / "rank0.pt")
     mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
-    got = torch.load(out)
-    assert torch.allclose(got["loss"], ref_loss, atol=1e-5)
-    for k, g in ref_grads.items():
-        assert torch.allclose(got["grads"][k], g, atol=1e-5), k
-    assert torch.allclose(got["temp"], ref_tgrad, atol=1e-5)
-    assert ref_grads["img.weight"].abs().sum() > 0
+    results = torch.load(out)
+    model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
+    for got, valid in zip(results, (None, VALID)):
+        ref_loss, ref_grads, ref_tgrad = step(model, temp, *make_data(), valid)
+        assert torch.allclose(got["loss"], ref_loss, atol=1e-5), valid
+        for k, g in ref_grads.items():
+            assert torch.allclose(got["grads"][k], g, atol=1e-5), (k, valid)
+        assert torch.allclose(got["temp"], ref_tgrad, atol=1e-5), valid
+        assert ref_grads["img.weight"].abs().sum() > 0

@@ -13,7 +13,7 @@ def test_itm_sampler_never_picks_the_positive():
     torch.manual_seed(0)
     sim = torch.randn(6, 6) * 5
     sim.fill_diagonal_(100.0)                 # the positive is by far the most similar
-    picks = torch.stack([sample_hard_negatives(sim) for _ in range(200)])
+    picks = torch.stack([sample_hard_negatives(sim)[0] for _ in range(200)])
     assert picks.shape == (200, 6)
     assert not (picks == torch.arange(6)).any()
     assert set(picks.flatten().tolist()) == set(range(6))
@@ -25,7 +25,7 @@ def test_itm_sampler_follows_one_hot_off_diagonal():
     sim = torch.full((b, b), -1e4)
     sim[torch.arange(b), target] = 1e4        # softmax puts (nearly) all weight there; +1e-5 elsewhere
     sim.fill_diagonal_(1e4)                   # even a maximal positive is excluded
-    hits = torch.stack([sample_hard_negatives(sim) for _ in range(50)])
+    hits = torch.stack([sample_hard_negatives(sim)[0] for _ in range(50)])
     assert (hits == target).float().mean() > 0.98
 
 
@@ -34,8 +34,9 @@ def test_itm_sampler_survives_nan_and_inf():
     sim[0] = float("nan")
     sim[1, 2] = float("inf")
     sim[2] = float("-inf")
-    idx = sample_hard_negatives(sim)
+    idx, ok = sample_hard_negatives(sim)
     assert idx.shape == (4,)
+    assert ok.tolist() == [False, False, False, True]   # non-finite rows: drawn uniformly, flagged
     assert ((idx >= 0) & (idx < 4)).all()
     assert not (idx == torch.arange(4)).any()
     with pytest.raises(ValueError):
@@ -98,3 +99,36 @@ def test_itc_single_process_matches_formula():
     assert torch.allclose(l_i2t, logits) and torch.allclose(l_t2i, logits.t())
     perfect = itc_loss(img, img, torch.tensor([0.001]))[0]
     assert perfect.item() < 1e-3 and math.isfinite(perfect.item())
+
+
+def test_itm_sampler_skips_padding_repeats():
+    sim = torch.zeros(5, 5)
+    valid = torch.tensor([True, True, True, False, False])     # rows 3, 4 repeat rows 0, 1
+    picks = torch.stack([sample_hard_negatives(sim, valid)[0] for _ in range(100)])
+    assert (picks < 3).all() and not (picks == torch.arange(5)).any()
+    idx, ok = sample_hard_negatives(sim, torch.tensor([True, False, False, False, False]))
+    assert not ok[0] and idx[0] != 0          # nothing usable for row 0: flagged, still not the positive
+
+
+def test_itc_ignores_padding_repeats():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    temp = torch.tensor([0.1])
+    ref = itc_loss(img, txt, temp)[0]
+    rep = torch.tensor([0, 1, 2, 0, 1])                 # the loader's cyclic fill to 5
+    valid = torch.arange(5) < 3
+    got = itc_loss(img[rep], txt[rep], temp, valid)[0]
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    # aligned pairs: masked repeats leave a perfect score; unmasked, each duplicate is a false negative
+    low = torch.tensor([0.01])
+    assert itc_loss(img[rep], img[rep], low, valid)[0].item() < 1e-3
+    assert itc_loss(img[rep], img[rep], low)[0].item() > 0.5 * math.log(2)
+
+
+def test_itm_and_box_losses_weighted():
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    loss, acc = itm_loss(logits, 1, torch.tensor([1.0, 1.0, 0.0]))
+    assert acc.item() == 1.0
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    l1, giou = box_losses(pred, pred[[0, 0]], torch.tensor([True, False]))
+    assert l1.item() == 0 and giou.item() == pytest.approx(0, abs=1e-6)
