@@ -67,15 +67,19 @@ class PretrainTask(nn.Module):
             out[f"fusion.layer.{i}.crossattention"] = mult
         return out
 
-    def flops_per_sample(self, text_len: int | None = None, with_regions: bool = True) -> float:
-        """Analytic FLOPs of forward + backward of one step, per image-text sample (see pretrain/flops.py)."""
+    def flops_per_sample(self, text_len: int | None = None, with_regions: bool | None = None) -> float:
+        """Analytic FLOPs of forward + backward of one step, per image-text sample (see pretrain/flops.py), at
+        the loader's text length (data.max_tokens, else data.max_words + 2) and region sub-batch sizes."""
         from .flops import step_flops
         d = self.cfg.data
-        b = d.batch_size
-        total = step_flops(self, batch=b, text_len=text_len or self.cfg.model.text.max_len,
+        if text_len is None:
+            text_len = d.max_tokens or d.max_words + 2
+        if with_regions is None:
+            with_regions = d.region_texts > 0
+        total = step_flops(self, batch=d.batch_size, text_len=text_len,
                            region_images=d.region_images if with_regions else 0,
                            region_texts=d.region_texts if with_regions else 0)
-        return 3.0 * total / b
+        return 3.0 * total / d.batch_size
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
