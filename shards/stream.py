@@ -246,12 +246,14 @@ def _mix(streams: list[Iterator[Raw]], weights: list[float], rng: np.random.Gene
     """Weighted resampling across source streams; a finished (dropped) stream leaves the mix."""
     streams, weights = list(streams), list(weights)
     while streams:
-        p = np.asarray(weights) / sum(weights)
-        k = int(rng.choice(len(streams), p=p))
-        try:
-            yield next(streams[k])
-        except StopIteration:
-            del streams[k], weights[k]
+        cum = np.cumsum(weights)
+        for u in rng.random(256) * cum[-1]:          # draws in blocks: one numpy call per 256 samples
+            k = min(int(np.searchsorted(cum, u, side="right")), len(streams) - 1)
+            try:
+                yield next(streams[k])
+            except StopIteration:
+                del streams[k], weights[k]
+                break
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +304,12 @@ class StreamSettings:
         s.mean, s.std = tuple(s.mean), tuple(s.std)
         if s.decoder not in DECODERS:
             raise DataError(f"data.decoder: expected one of {', '.join(DECODERS)}, got {s.decoder!r}")
+        if s.decoder == "simplejpeg":
+            try:
+                import simplejpeg  # noqa: F401
+            except ImportError:
+                raise DataError("data.decoder=simplejpeg but simplejpeg is not installed "
+                                "(pip install simplejpeg, or set data.decoder=pil)") from None
         for k in ("batch_size", "batches_per_epoch", "image_size", "max_words", "texts_per_image"):
             if getattr(s, k) < 1:
                 raise DataError(f"data.{k}: must be >= 1, got {getattr(s, k)}")

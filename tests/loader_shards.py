@@ -1,4 +1,4 @@
-"""Tiny schema-conformant shards for the loader tests, written with `webdataset.TarWriter`.
+"""Tiny schema-conformant shards for the loader tests (plain USTAR tars, as shards.build writes them).
 
 Images are small PIL-drawn JPEGs; every sample's JSON follows DESIGN.md's shard schema, and each directory
 gets a manifest.json with the fields the loaders read (shards with sample counts, caption/region counts).
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import webdataset as wds
+import tarfile
 from PIL import Image, ImageDraw
 
 WORDS = "a the red blue green small large man woman dog cat car tree sign on left right near of with".split()
@@ -56,12 +56,15 @@ def write_shards(out: Path, source: str, n_shards: int, per_shard: int, *, seed:
     shards, n_caps, n_regs, i = [], 0, 0, 0
     for s in range(n_shards):
         name = f"shard-{s:06d}.tar"
-        with wds.TarWriter(str(out / name)) as tw:
+        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tw:
             for _ in range(per_shard):
                 rec, jpg = record(source, i, rng, **kw)
                 n_caps += len(rec.get("captions", []))
                 n_regs += len(rec.get("regions", []))
-                tw.write({"__key__": f"{source}-{i}", "jpg": jpg, "json": json.dumps(rec).encode()})
+                for ext, data in (("jpg", jpg), ("json", json.dumps(rec).encode())):
+                    info = tarfile.TarInfo(f"{source}-{i}.{ext}")
+                    info.size = len(data)
+                    tw.addfile(info, io.BytesIO(data))
                 i += 1
         shards.append({"name": name, "samples": per_shard})
     manifest = {"schema": 1, "source": source, "samples": i, "captions": n_caps, "regions": n_regs,
