@@ -19,6 +19,7 @@ from finetune.checkpoint import adopt_pretrained_architecture, load_pretrained
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_model, split_dir
 from pretrain.config import ConfigError, load_config
+from shards.stream import DataError
 
 
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
@@ -33,13 +34,11 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
 
 def prepare(cfg: FinetuneConfig):
     """Everything that can fail on a user mistake, before any process group or model exists."""
+    from pretrain.__main__ import resolve_tokenizer_dir
     from shards.text import build_tokenizer
 
     cfg = adopt_pretrained_architecture(cfg)
-    tok_dir = cfg.model.text.tokenizer or cfg.model.text.bert
-    if not tok_dir:
-        raise ConfigError("model.text.tokenizer (or model.text.bert) must name a tokenizer dir")
-    tokenizer = build_tokenizer(tok_dir)
+    tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
     train_dir = split_dir(cfg.data.shards, cfg.data.train_split)
     eval_dirs = {s: split_dir(cfg.data.shards, s) for s in cfg.eval.splits}
     return cfg, tokenizer, train_dir, eval_dirs
@@ -51,7 +50,10 @@ def run(cfg: FinetuneConfig) -> dict:
     from pretrain.engine import train
     from shards.index import GroundingDataset, build_grounding_loader
 
+    import torch
+
     cfg, tokenizer, train_dir, eval_dirs = prepare(cfg)
+    torch.manual_seed(cfg.run.seed)             # identical initial weights on every rank
     task = build_task(cfg, tokenizer)
     if cfg.init_from:
         load_pretrained(task.model, cfg.init_from)
@@ -93,10 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(FinetuneConfig, args.config, args.overrides)
         prepare(cfg)                            # fail fast, with one line, on bad paths
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg)
+    from pretrain.engine import TrainingDiverged
+    try:
+        summary = run(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from finetune.metrics import format_table
     if summary.get("results"):
         print(format_table(summary["results"]))

@@ -94,8 +94,6 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if missing or unexpected:
         raise ConfigError(f"{path}: does not fit the model in {found}: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
-    tok_dir = cfg.model.text.tokenizer or cfg.model.text.bert
-    if not tok_dir:
-        raise ConfigError(f"{found}: model.text.tokenizer (or model.text.bert) must name the tokenizer dir")
-    tokenizer = build_tokenizer(tok_dir)
+    from pretrain.__main__ import resolve_tokenizer_dir
+    tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
     return model.to(device).eval(), cfg, tokenizer

@@ -4,9 +4,9 @@
     python -m finetune.evaluate --predictions preds.jsonl --data shards/refcoco --split val
 
 Predictions are mapped back through the letterbox and scored at the original image size (see
-finetune.metrics for the conventions). Under torchrun/srun every rank scores a strided share of the split's
-expressions (rank r takes indices r, r + W, ...: no padding, no duplicates) and the per-expression records are
-gathered and keyed by dataset index, so the result is identical for any number of ranks.
+finetune.metrics for the conventions). Under torchrun/srun every rank scores its exact share of the split's
+expressions (shards.index's ExactDistributedSampler: no padding, no duplicates) and the per-expression records
+are gathered once at the end and keyed by dataset index, so the result is identical for any number of ranks.
 Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}}.
 """
 from __future__ import annotations
@@ -63,11 +63,6 @@ def split_dir(data: str | Path, split: str) -> Path:
     raise FileNotFoundError(f"{p}: no shards for split '{split}' (expected {p / split}/manifest.json)")
 
 
-def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """This rank's share of an n-expression split: every world_size-th index (exact, no padding)."""
-    return list(range(rank, n, world_size))
-
-
 def gather_records(records: list[dict], world_size: int) -> list[dict]:
     """All ranks' records, keyed by dataset index (duplicates dropped), sorted by index."""
     if world_size > 1:
@@ -89,26 +84,23 @@ def merge_records(parts: Iterable[list[dict]]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- model scoring
 @torch.no_grad()
-def score_indices(model: VGLaw, dataset: Any, indices: list[int], *, batch_size: int, device: torch.device | str,
-                  threshold: float = DEFAULT_THRESHOLD, keep_predictions: bool = False,
-                  num_workers: int = 0) -> list[dict]:
-    """Run the model on dataset[indices]; one record per expression (scores, and predictions on request)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from shards.index import collate_grounding
+def score_split(model: VGLaw, dataset: Any, *, batch_size: int, device: torch.device | str, rank: int = 0,
+                world_size: int = 1, threshold: float = DEFAULT_THRESHOLD, keep_predictions: bool = False,
+                num_workers: int = 0) -> list[dict]:
+    """This rank's records: the model on its exact share of `dataset` (shards.index's ExactDistributedSampler:
+    indices rank, rank + W, ...), one record per expression (scores, and predictions on request)."""
+    from shards.index import build_grounding_loader
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_grounding)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    loader = build_grounding_loader(dataset, train=False, batch_size=batch_size, num_workers=num_workers,
+                                    rank=rank, world_size=world_size, epoch=0, seed=0)
     dtype = next(model.parameters()).dtype
     records: list[dict] = []
     try:
         for batch in loader:
-            with autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model.predict(batch["image"].to(device, dtype), batch["text_ids"].to(device),
                                     batch["text_mask"].to(device))
             size = tuple(batch["image"].shape[-2:])
@@ -116,18 +108,21 @@ def score_indices(model: VGLaw, dataset: Any, indices: list[int], *, batch_size:
                 idx = int(batch["index"][j])
                 scale, offset = float(batch["scale"][j]), [float(v) for v in batch["offset"][j]]
                 gt = dataset.target(idx)
-                orig_hw = gt["size"]
-                box = unletterbox_box(out["boxes"][j].cpu(), size, scale, offset, orig_hw)
-                pred_mask = unletterbox_mask(out["mask_probs"][j], scale, offset, orig_hw, threshold)
+                box = unletterbox_box(out["boxes"][j].cpu(), size, scale, offset, gt["size"])
                 gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
-                rec = {"index": idx, "ref_id": int(gt["ref_id"]), "sentence": int(gt["sentence"]),
+                pred_mask = unletterbox_mask(out["mask_probs"][j], scale, offset, gt["size"], threshold)
+                rec = {"index": idx, "ref_id": _int(gt.get("ref_id")), "sentence": int(gt["sentence"]),
                        **expression_record(box, gt["bbox"], pred_mask if gt_mask is not None else None, gt_mask)}
                 if keep_predictions:
-                    rec.update(bbox=box, mask=rle_encode(pred_mask), text=gt.get("text", ""))
+                    rec.update(text=gt.get("text", ""), bbox=box, mask=rle_encode(pred_mask))
                 records.append(rec)
     finally:
         model.train(was_training)
     return records
+
+
+def _int(v: Any) -> int:
+    return -1 if v is None else int(v)
 
 
 def evaluate_model(task_or_model: nn.Module, shard_dir: str | Path, tokenizer: Any, *, batch_size: int,
@@ -145,9 +140,8 @@ def evaluate_model(task_or_model: nn.Module, shard_dir: str | Path, tokenizer: A
     size = image_size or model.vision.vit.patch_embed.img_size[0]
     dataset = GroundingDataset(str(shard_dir), tokenizer, train=False, image_size=size, max_len=max_len)
     thr = model.mask_threshold if threshold is None else threshold
-    records = score_indices(model, dataset, rank_indices(len(dataset), rank, world_size), batch_size=batch_size,
-                            device=device, threshold=thr, keep_predictions=dump is not None,
-                            num_workers=num_workers)
+    records = score_split(model, dataset, batch_size=batch_size, device=device, rank=rank, world_size=world_size,
+                          threshold=thr, keep_predictions=dump is not None, num_workers=num_workers)
     records = gather_records(records, world_size)
     if dump is not None and rank == 0:
         write_jsonl(dump, records)
@@ -201,7 +195,7 @@ def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump:
     missing = 0
     for i in range(len(dataset)):
         gt = dataset.target(i)
-        key = (int(gt["ref_id"]), int(gt["sentence"]))
+        key = (_int(gt.get("ref_id")), int(gt["sentence"]))
         seen.add(key)
         gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
         pred = preds.get(key)
@@ -251,6 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.config import ConfigError
+    from shards.stream import DataError
 
     try:
         dirs = {s: split_dir(args.data, s) for s in args.split}
@@ -262,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             rank = 0
         else:
             results, rank = _evaluate_checkpoint(args, dirs)
-    except (FileNotFoundError, ConfigError, ValueError) as e:
+    except (FileNotFoundError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
