@@ -24,14 +24,13 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shards.build import Item, build_shards  # noqa: E402
+from shards.build import Item, build_shards, pool_context  # noqa: E402
 from shards.images import fit_size  # noqa: E402
 from shards.schema import JPEG_QUALITY, make_key  # noqa: E402
 
@@ -56,6 +55,7 @@ def bound_one(path: str, max_side: int) -> int:
     """Read + PIL decode + resize + JPEG encode of one image: the work no converter can avoid."""
     with open(path, "rb") as f:
         im = Image.open(io.BytesIO(f.read()))
+    if im.mode != "RGB":
         im = im.convert("RGB")
     size = fit_size(*im.size, max_side)
     if size != im.size:
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=640)
     ap.add_argument("--samples-per-shard", type=int, default=25)
     ap.add_argument("--workers", type=int, default=2, help="the parallel run's worker count")
-    ap.add_argument("--repeat", type=int, default=2, help="best of N for every figure (shared machines are noisy)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; best of N for every figure (shared machines are noisy)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     a = ap.parse_args()
 
@@ -105,14 +105,6 @@ def main() -> None:
                   (a.width, a.height)) for i, p in enumerate(paths)]
     bound_many(paths[:8], a.max_side)  # warm the page cache and PIL
 
-    def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(a.repeat):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return a.images / best
-
     def build(workers: int) -> None:
         out = scratch / f"out{workers}"
         shutil.rmtree(out, ignore_errors=True)
@@ -121,13 +113,20 @@ def main() -> None:
 
     def bound_parallel() -> None:
         chunks = [paths[i::a.workers] for i in range(a.workers)]
-        with ProcessPoolExecutor(a.workers, mp_context=get_context("spawn")) as ex:
+        with ProcessPoolExecutor(a.workers, mp_context=pool_context()) as ex:  # the same process start as build
             list(ex.map(bound_many, chunks, [a.max_side] * a.workers))
 
-    bound1 = timed(lambda: bound_many(paths, a.max_side))
-    build1 = timed(lambda: build(1))
-    build2 = timed(lambda: build(a.workers))
-    bound2 = timed(bound_parallel)
+    # Rounds of all four measurements, best of each: drift on a shared machine then hits all figures alike.
+    runs = {"bound1": lambda: bound_many(paths, a.max_side), "build1": lambda: build(1),
+            "build2": lambda: build(a.workers), "bound2": bound_parallel}
+    best = {k: float("inf") for k in runs}
+    for r in range(a.repeat):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {a.images / v:.1f} img/s" for k, v in best.items()), flush=True)
+    bound1, build1, build2, bound2 = (a.images / best[k] for k in ("bound1", "build1", "build2", "bound2"))
     m1 = json.loads((scratch / "out1" / "manifest.json").read_text())
     m2 = json.loads((scratch / f"out{a.workers}" / "manifest.json").read_text())
     assert m1["shards"] == m2["shards"], "worker counts gave different shards"

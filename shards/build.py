@@ -19,7 +19,8 @@ import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,7 +83,7 @@ def build_shards(items: Sequence[Item], out_dir: str | Path, *, source: str, arg
             stats[s["index"]] = s
             bar.update(s["items"])
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("spawn")) as ex:
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=pool_context()) as ex:
             futures = [ex.submit(_build_shard, *t) for t in tasks]
             for f in as_completed(futures):
                 s = f.result()
@@ -94,6 +95,17 @@ def build_shards(items: Sequence[Item], out_dir: str | Path, *, source: str, arg
                         extra_skips=extra_skips, extra_counts=extra_counts, items=len(items))
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def pool_context() -> BaseContext:
+    """Where worker processes come from: a fork server that has imported this module once (workers then
+    start in milliseconds, and every later build in the same process reuses it), else spawn. Neither
+    forks the caller itself, which may hold threads (torch, tqdm)."""
+    if "forkserver" in get_all_start_methods():
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", __name__])
+        return ctx
+    return get_context("spawn")
 
 
 # ---------------------------------------------------------------------------------------------- resume
