@@ -148,3 +148,18 @@ def test_bad_paths_and_settings_are_one_line_errors(tmp_path, tok):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="malformed manifest"):
         parse_sources([{"name": "x", "shards": str(tmp_path / "bad")}])
+
+
+def test_reads_a_pretrain_data_config_object(tmp_path, tok):
+    from pretrain.config import PretrainDataConfig
+
+    write_shards(tmp_path / "coco", "coco", 1, 6)
+    cfg = PretrainDataConfig(sources=[{"name": "coco", "shards": str(tmp_path / "coco"), "weight": 1.0}],
+                             batch_size=2, region_texts=3, region_images=2, image_size=32, max_words=10,
+                             num_workers=0, shuffle_buffer=4, batches_per_epoch=2, mean=[0.5, 0.5, 0.5],
+                             std=[0.5, 0.5, 0.5])
+    s = StreamSettings.from_config(cfg)
+    assert s.text_len == 12 and s.mean == (0.5, 0.5, 0.5) and s.decode_reduce
+    batches = list(build_pretrain_loader(cfg, tok, rank=0, world_size=1, epoch=0, seed=0))
+    assert len(batches) == 2 and batches[0]["text_ids"].shape == (2, 12)
+    assert batches[0]["image"].min() >= -1.0 - 1e-6 and batches[0]["image"].max() <= 1.0 + 1e-6
