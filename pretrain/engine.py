@@ -106,7 +106,12 @@ def _build_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPl
         return PlainEngine(task, opt, build_scheduler(opt, cfg.optim), grad_accum=plan.accum,
                            grad_clip=cfg.optim.grad_clip, precision=cfg.engine.precision, device=device)
     du.prepare_deepspeed_env()
+    import logging
+
     import deepspeed
+
+    if not du.discover().is_main:           # DeepSpeed logs INFO per rank; keep rank 0's only
+        deepspeed.utils.logger.setLevel(logging.WARNING)
 
     task.to(device)
     opt = build_optimizer(task, cfg.optim, device)
