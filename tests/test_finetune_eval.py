@@ -112,16 +112,17 @@ def test_tiny_model_overfits_eight_expressions(tmp_path, tok):
                                              epoch=0, seed=0)))
     torch.manual_seed(0)
     task = build_task(tiny_config(**{"model.mask_grounding.enabled": False, "model.text.max_len": 16}), tok)
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-3, weight_decay=0.0)
-    for step in range(400):
+    opt = torch.optim.AdamW(task.parameters(), lr=3e-3, weight_decay=0.0)
+    result = None
+    for step in range(300):                 # ~75 steps on this seed; a few hundred at most
         out = task(batch)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        if step % 50 == 49 and out["giou"].item() < 0.1:
+        if step % 25 == 24 and out["giou"].item() < 0.4:
             result = evaluate_model(task, d, tok, batch_size=8, device="cpu", image_size=64, max_len=16)
             if result["rec"]["prec@0.5"] == 1.0:
                 break
-    result = evaluate_model(task, d, tok, batch_size=8, device="cpu", image_size=64, max_len=16)
-    assert result["n"] == 8
-    assert result["rec"]["prec@0.5"] == 1.0, (step, out)
+    assert result is not None and result["n"] == 8
+    assert result["rec"]["prec@0.5"] == 1.0, (step, result)
+    assert result["res"]["miou"] > 0.5
