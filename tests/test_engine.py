@@ -140,7 +140,49 @@ def test_sigusr1_saves_exits_with_requeue_code_and_resumes(tmp_path):
     assert steps == list(range(1, 9))                 # continued at stopped+1, no step repeated or lost
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+@pytest.fixture
+def clean_dist_env(monkeypatch):
+    """train() exports RANK/WORLD_SIZE/...; restore the test process's environment afterwards."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path, clean_dist_env):
+    """Plain loop: 2 micro-batches of 2 accumulated == 1 batch of 4 (same samples), step for step."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import engine_tiny
+
+    from pretrain.config import PretrainConfig, load_config
+    from pretrain.engine import train
+
+    def run(name: str, micro: int, accum: int):
+        cfg = load_config(PretrainConfig, tiny_config(tmp_path, name, engine__deepspeed=False, optim__total_steps=3,
+                                                      engine__grad_accum=accum, data__batch_size=micro))
+        torch.manual_seed(0)
+        task = engine_tiny.TinyTask()
+        task.body[3].p = 0.0                     # no dropout: the two runs must see identical computations
+
+        def make_loader(epoch: int, start: int):
+            for i in range(start, 100):
+                big = engine_tiny.make_batch(0, epoch, i // accum, 0, 4)
+                part = i % accum
+                yield {k: v[part * micro:(part + 1) * micro] for k, v in big.items()}
+
+        summary = train(cfg, task, make_loader, batches_per_epoch=100)
+        return summary, losses(tmp_path / name), task.state_dict()
+
+    import torch
+
+    s_big, l_big, w_big = run("big", 4, 1)
+    s_acc, l_acc, w_acc = run("acc", 2, 2)
+    assert s_acc["global_batch"] == s_big["global_batch"] == 4 and s_acc["grad_accum"] == 2
+    assert s_acc["samples_seen"] == s_big["samples_seen"] == 12
+    assert l_acc == pytest.approx(l_big, rel=1e-5)
+    for k in w_big:
+        torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, clean_dist_env):
     """Plain loop in-process: two NaN batches are skipped (logged, no step), three in a row stop the run."""
     sys.path.insert(0, str(ROOT / "tests"))
     import engine_tiny
