@@ -54,6 +54,9 @@ def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
     cfg.model.vision.img_size = cfg.data.image_size
     cfg.model.vision.checkpoint = None
     cfg.model.text = pre.text
+    if not pre.text.bert and pre.text.hidden_size % cfg.model.law_groups:
+        raise ConfigError(f"model.law_groups={cfg.model.law_groups} must divide the pretrained text width "
+                          f"{pre.text.hidden_size}")
     return cfg
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 from pretrain.config import (ConfigError, EngineConfig, OptimConfig, RunConfig, TextConfig, VisionConfig,
                              load_config, save_config)
 
-__all__ = ["FinetuneConfig", "GroundingModelConfig", "MaskGroundingConfig", "GroundingLossConfig",
+__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig", "GroundingLossConfig",
            "GroundingDataConfig", "EvalConfig", "load_config", "save_config", "ConfigError"]
 
 
@@ -86,9 +86,22 @@ class EvalConfig:
     dump: bool = False                      # also write per-expression predictions (<out_dir>/eval/<split>.jsonl)
 
 
-def _finetune_optim() -> OptimConfig:
-    return OptimConfig(lr=4e-4, weight_decay=1e-4, betas=[0.9, 0.999], warmup_steps=0, total_steps=90_000,
-                       schedule="step", step_milestones=[10_000, 60_000], step_gamma=0.1, head_lr_mult=1.0)
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """OptimConfig with VG-LAW's defaults (a YAML `optim:` section starts from these, not pretraining's)."""
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    total_steps: int = 90_000
+    schedule: str = "step"
+    step_milestones: list = field(default_factory=lambda: [10_000, 60_000])
+    head_lr_mult: float = 1.0
+
+
+@dataclass
+class FinetuneRunConfig(RunConfig):
+    out_dir: str = "runs/finetune"
 
 
 @dataclass
@@ -99,11 +112,15 @@ class FinetuneConfig:
     loss: GroundingLossConfig = field(default_factory=GroundingLossConfig)
     data: GroundingDataConfig = field(default_factory=GroundingDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    optim: OptimConfig = field(default_factory=_finetune_optim)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/finetune"))
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
     def validate(self) -> None:
-        if self.model.vision.img_size != self.data.image_size:
-            # one resolution everywhere: the ViT's grid is built for it
-            self.model.vision.img_size = self.data.image_size
+        # one resolution everywhere: the ViT's grid (and its resampled position embeddings) is built for it
+        self.model.vision.img_size = self.data.image_size
+        text_dim = self.model.text.hidden_size if not self.model.text.bert else None
+        if text_dim is not None and text_dim % self.model.law_groups:
+            raise ConfigError(f"model.law_groups={self.model.law_groups} must divide the text width {text_dim}")
+        if self.backbone_lr_mult < 0:
+            raise ConfigError(f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")

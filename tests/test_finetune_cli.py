@@ -1,0 +1,125 @@
+"""Fine-tuning configs, initialisation from a pretraining export, and the train -> evaluate -> predict CLIs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from finetune.checkpoint import adopt_pretrained_architecture, load_pretrained
+from finetune.config import FinetuneConfig, load_config
+from finetune.task import build_task
+from loader_shards import WORDS, grounding_record, write_shards
+from pretrain.config import ConfigError, from_dict, save_config
+from pretrain_tiny import tiny_cfg
+from shards.text import build_vocab_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FT = {"model": {"window_size": 2, "global_blocks": [1, 3], "law_groups": 8, "law_reduction": 4, "law_rank": 8,
+                "lap_dim": 16, "head_hidden": 32, "res_hidden": 16,
+                "mask_grounding": {"dim": 32, "heads": 4, "depth": 1}},
+      "data": {"image_size": 64, "max_len": 12, "batch_size": 4, "num_workers": 0}}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_load(path):
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.model.vision.img_size == cfg.data.image_size
+    assert cfg.optim.schedule == "step" and cfg.loss.focal == 4.0 and cfg.backbone_lr_mult == 0.1
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="law_groups"):
+        load_config(FinetuneConfig, None, ["model.law_groups=7"])
+    with pytest.raises(ConfigError, match="model.mask_grounding.mask_ratio"):
+        load_config(FinetuneConfig, None, ["model.mask_grounding.mask_ratio=0"])
+
+
+@pytest.fixture(scope="module")
+def pretrain_export(tmp_path_factory):
+    """A pretraining export (model.safetensors + config.yaml) of a tiny X-VLM at 32 px."""
+    from pretrain.task import build_task as build_pretrain_task
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    task = build_pretrain_task(cfg, 200)
+    exp = tmp_path_factory.mktemp("pre") / "export"
+    exp.mkdir()
+    save_file({k: v.contiguous() for k, v in task.state_dict().items()}, str(exp / "model.safetensors"))
+    save_config(cfg, exp / "config.yaml")
+    return exp, task
+
+
+def test_init_from_pretraining_export(pretrain_export):
+    exp, pre = pretrain_export
+    cfg = from_dict(FinetuneConfig, {**FT, "init_from": str(exp.parent)})
+    cfg = adopt_pretrained_architecture(cfg)
+    assert cfg.model.text.hidden_size == 64 and cfg.model.vision.name == "vit_tiny_patch16_224"
+    assert cfg.model.vision.img_size == 64                          # fine-tuning resolution kept
+    task = build_task(cfg)
+    counts = load_pretrained(task.model, exp)
+    assert counts["text"] == len(pre.text.state_dict())
+    for k, v in pre.text.state_dict().items():
+        torch.testing.assert_close(task.model.text.state_dict()[k], v)
+    vit, pre_vit = task.model.vision.vit, pre.vision
+    torch.testing.assert_close(vit.blocks[3].attn.qkv.weight, pre_vit.blocks[3].attn.qkv.weight)
+    assert pre_vit.pos_embed.shape[1] == 1 + 4 and vit.pos_embed.shape[1] == 1 + 16   # 2x2 grid -> 4x4
+    save_file({"x": torch.zeros(1)}, str(exp.parent / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="no 'vision.'"):
+        load_pretrained(task.model, exp.parent / "bad.safetensors")
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_cli(tmp_path, monkeypatch, capsys):
+    from finetune.__main__ import main as train_main
+    from finetune.evaluate import main as eval_main
+    from finetune.predict import main as predict_main
+
+    data = tmp_path / "refcoco"
+    write_shards(data / "train", "refcoco", 2, 3, seed=1, record=grounding_record, split="train")
+    write_shards(data / "val", "refcoco", 1, 3, seed=2, record=grounding_record, ref_base=1000)
+    build_vocab_tokenizer(WORDS, tmp_path / "tok")
+    cfg = {**FT, "init_from": None,
+           "model": {**FT["model"], "vision": {"name": "vit_tiny_patch16_224", "img_size": 64},
+                     "text": {"hidden_size": 64, "num_layers": 2, "text_layers": 1, "num_heads": 2,
+                              "intermediate_size": 128, "max_len": 12, "tokenizer": str(tmp_path / "tok")}},
+           "data": {**FT["data"], "shards": str(data), "batches_per_epoch": 2},
+           "eval": {"splits": ["val"], "batch_size": 8},
+           "optim": {"total_steps": 3, "step_milestones": [2]},
+           "engine": {"deepspeed": False, "precision": "fp32"},
+           "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "save_every": 3,
+                   "wandb": {"mode": "disabled"}}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ)
+    try:
+        assert train_main(["--config", str(path)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    run = tmp_path / "run"
+    results = json.loads((run / "eval.json").read_text())
+    assert results["val"]["n"] > 0 and 0.0 <= results["val"]["rec"]["prec@0.5"] <= 1.0
+    assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "config.yaml").is_file()
+
+    out = tmp_path / "val.json"
+    assert eval_main(["--checkpoint", str(run / "export"), "--data", str(data), "--split", "val", "--out", str(out),
+                      "--device", "cpu", "--workers", "0"]) == 0
+    again = json.loads(out.read_text())
+    assert again["split"] == "val" and again["n"] == results["val"]["n"]
+    assert again["rec"] == results["val"]["rec"] and again["res"] == pytest.approx(results["val"]["res"])
+
+    img = tmp_path / "img.jpg"
+    Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(img)
+    png = tmp_path / "pred.png"
+    assert predict_main(["--checkpoint", str(run), "--image", str(img), "--text", "the dog", "--out", str(png),
+                         "--device", "cpu"]) == 0
+    assert Image.open(png).size == (70, 40)
+    assert train_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "error: " in capsys.readouterr().err
