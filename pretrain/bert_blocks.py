@@ -33,17 +33,23 @@ class SdpaAttention(nn.Module):
         self.value = nn.Linear(kv_dim, d)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, kv: Tensor | None = None, key_mask: Tensor | None = None,
+                kv_index: Tensor | None = None) -> Tensor:
         """x [B, Lq, d], kv [B, Lk, kv_dim], key_mask [B, Lk] (nonzero/True = attend) -> [B, Lq, d].
 
-        Pass key_mask=None when every key is real: SDPA can then use the flash kernel.
+        With `kv_index` [B], kv holds U distinct rows [U, Lk, kv_dim] and sequence i attends to row
+        kv_index[i]: keys and values are projected once per distinct row (X-VLM's ITM pairs reuse each image
+        several times). Pass key_mask=None when every key is real: SDPA can then use the flash kernel.
         """
         kv = x if kv is None else kv
         b, lq, _ = x.shape
         lk = kv.shape[1]
+        k, v = self.key(kv), self.value(kv)
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]
         q = self.query(x).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.key(kv).view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.value(kv).view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
@@ -58,8 +64,9 @@ class BertAttentionBlock(nn.Module):
         self.self = SdpaAttention(config, kv_dim)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
-        return self.output(self.self(x, kv, key_mask), x)
+    def forward(self, x: Tensor, kv: Tensor | None = None, key_mask: Tensor | None = None,
+                kv_index: Tensor | None = None) -> Tensor:
+        return self.output(self.self(x, kv, key_mask, kv_index), x)
 
 
 class BertBlock(nn.Module):
@@ -74,10 +81,10 @@ class BertBlock(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, encoder_states: Tensor | None = None,
-                encoder_mask: Tensor | None = None) -> Tensor:
+                encoder_mask: Tensor | None = None, encoder_index: Tensor | None = None) -> Tensor:
         x = self.attention(x, None, mask)
         if encoder_states is not None:
-            x = self.crossattention(x, encoder_states, encoder_mask)
+            x = self.crossattention(x, encoder_states, encoder_mask, encoder_index)
         return self.output(self.intermediate(x), x)
 
 

@@ -33,11 +33,11 @@ def box_patch_mask(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def concept_tokens(image_tokens: Tensor, image_idx: Tensor, boxes: Tensor,
-                   grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+                   grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Concept sequences for R boxes over M images' tokens [M, 1+N, D].
 
-    Returns (tokens [R, 1+N, D] with the box mean as [CLS], key mask bool [R, 1+N], full tokens [R, 1+N, D]
-    of the region's whole image, for the box-prediction loss).
+    Returns (tokens [R, 1+N, D]: the box mean as [CLS] then all of the image's patches, key mask bool
+    [R, 1+N]: [CLS] and the patches inside the box).
     """
     full = image_tokens[image_idx]
     inside = box_patch_mask(boxes, grid)                                   # [R, N]
@@ -45,4 +45,4 @@ def concept_tokens(image_tokens: Tensor, image_idx: Tensor, boxes: Tensor,
     cls = (full[:, 1:] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
     tokens = torch.cat([cls, full[:, 1:]], dim=1)
     key_mask = torch.cat([torch.ones_like(inside[:, :1]), inside], dim=1)
-    return tokens, key_mask, full
+    return tokens, key_mask

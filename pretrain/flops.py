@@ -23,11 +23,14 @@ def attention(lq: int, lk: int, d: int) -> float:
     return 4.0 * lq * lk * d
 
 
-def bert_layer(seq: int, d: int, ff: int, kv_len: int = 0, kv_dim: int = 0) -> float:
-    """One BERT layer on one sequence; with cross-attention over kv_len tokens of width kv_dim when kv_len."""
+def bert_layer(seq: int, d: int, ff: int, kv_len: int = 0, kv_dim: int = 0, kv_proj: bool = True) -> float:
+    """One BERT layer on one sequence; with cross-attention over kv_len tokens of width kv_dim when kv_len
+    (kv_proj=False leaves out the key/value projections, for callers that project shared keys once)."""
     f = linear(seq, d, 3 * d) + attention(seq, seq, d) + linear(seq, d, d) + 2 * linear(seq, d, ff)
     if kv_len:
-        f += linear(seq, d, d) + 2 * linear(kv_len, kv_dim, d) + attention(seq, kv_len, d) + linear(seq, d, d)
+        f += linear(seq, d, d) + attention(seq, kv_len, d) + linear(seq, d, d)
+        if kv_proj:
+            f += 2 * linear(kv_len, kv_dim, d)
     return f
 
 
@@ -69,7 +72,8 @@ def step_flops(task: nn.Module, batch: int, text_len: int, region_images: int = 
 
     Mirrors PretrainTask.forward: vision over B + M images, text encoder over 2B + 2R texts, per level one
     fusion pass over 4 sequences per pair (ITM positive, 2 negatives, MLM) plus the box pass for regions,
-    ITC logits against the global batch, and the heads.
+    with cross-attention keys/values projected once per distinct visual token set (B images; R concepts +
+    M region images), ITC logits against the global batch, and the heads.
     """
     cfg = task.text.config
     d, ff, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -82,17 +86,18 @@ def step_flops(task: nn.Module, batch: int, text_len: int, region_images: int = 
     f = (batch + region_images) * vision_forward(task.vision, img_size)
     f += (2 * batch + 2 * region_texts) * len(task.text.layer) * bert_layer(text_len, d, ff)
 
-    def level(n: int, fusion_seqs: int) -> float:
+    def level(n: int, fusion_seqs: int, visual_sets: int) -> float:
         g = n * (linear(1, vdim, e) + linear(1, d, e))                   # projections
         g += 2 * linear(n, e, n * world_size)                             # ITC logits, both directions
-        g += fusion_seqs * len(task.fusion.layer) * bert_layer(text_len, d, ff, n_tok, vdim)
+        g += fusion_seqs * len(task.fusion.layer) * bert_layer(text_len, d, ff, n_tok, vdim, kv_proj=False)
+        g += visual_sets * len(task.fusion.layer) * 2 * linear(n_tok, vdim, d)
         g += 3 * n * (linear(1, d, 2 * d) + linear(1, 2 * d, 2))          # ITM head
         g += n * k_mlm * (linear(1, d, d) + linear(1, d, vocab))          # MLM head
         return g
 
-    f += level(batch, 4 * batch)
+    f += level(batch, 4 * batch, batch)
     if region_texts:
-        f += level(region_texts, 5 * region_texts)
+        f += level(region_texts, 5 * region_texts, region_texts + region_images)
         f += region_texts * (linear(1, d, 2 * d) + linear(1, 2 * d, 4))  # box head
     return f
 

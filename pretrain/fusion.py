@@ -28,9 +28,14 @@ class FusionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
-        """text [B, L, d] (+ mask [B, L]), image tokens [B, 1+N, Dv] (+ key mask [B, 1+N] or None) -> [B, L, d]."""
-        return run_layers(self.layer, text, self.grad_checkpointing, text_mask, image, image_mask)
+    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None,
+                image_index: Tensor | None = None) -> Tensor:
+        """text [B, L, d] (+ mask [B, L]), image tokens [B, 1+N, Dv] (+ key mask [B, 1+N] or None) -> [B, L, d].
+
+        With `image_index` [B], `image` holds U distinct token sets [U, 1+N, Dv] and text i attends to
+        image[image_index[i]] (cross-attention keys/values are then computed once per distinct image).
+        """
+        return run_layers(self.layer, text, self.grad_checkpointing, text_mask, image, image_mask, image_index)
 
 
 def build_fusion_encoder(cfg: TextConfig, vision_dim: int, vocab_size: int | None = None, *,

@@ -105,10 +105,11 @@ class PretrainTask(nn.Module):
         loss = self._weighted(image_terms)
         out.update(image_terms)
         if has_region:
-            tokens, key_mask, full = concept_tokens(vis[b:], batch["region_image_idx"], batch["region_bbox"], grid)
+            region_vis, idx = vis[b:], batch["region_image_idx"]
+            tokens, key_mask = concept_tokens(region_vis, idx, batch["region_bbox"], grid)
             region_terms = self._level(tokens, key_mask, states[2], batch["region_text_mask"], states[3],
-                                       batch["region_mlm_labels"], box_tokens=full, box_target=batch["region_bbox"],
-                                       valid=region_valid(batch))
+                                       batch["region_mlm_labels"], box_tokens=region_vis, box_index=idx,
+                                       box_target=batch["region_bbox"], valid=region_valid(batch))
             loss = loss + self.region_weight * self._weighted(region_terms)
             out.update({f"region_{k}" if k not in ("bbox", "giou") else k: v for k, v in region_terms.items()})
         out = {k: v.detach() for k, v in out.items()}
@@ -127,10 +128,11 @@ class PretrainTask(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
 
     def _level(self, vis: Tensor, vis_mask: Tensor | None, text: Tensor, text_mask: Tensor, mlm_text: Tensor,
-               mlm_labels: Tensor, box_tokens: Tensor | None = None, box_target: Tensor | None = None,
-               valid: Tensor | None = None) -> dict[str, Tensor]:
+               mlm_labels: Tensor, box_tokens: Tensor | None = None, box_index: Tensor | None = None,
+               box_target: Tensor | None = None, valid: Tensor | None = None) -> dict[str, Tensor]:
         """ITC + ITM + MLM (+ box) for one granularity; vis [B, 1+N, Dv] with its key mask (None = all);
-        `valid` [B] marks real pairs (None = all), the others are padding repeats left out of the losses."""
+        the box loss attends text i to box_tokens[box_index[i]] (whole images, all tokens). `valid` [B] marks
+        real pairs (None = all), the others are padding repeats left out of the losses."""
         n = vis.shape[0]
         temp = self.temp.clamp(*TEMP_RANGE)
         image_feat = F.normalize(self.vision_proj(vis[:, 0]).float(), dim=-1)
@@ -142,19 +144,23 @@ class PretrainTask(nn.Module):
         itm_weight = None
         if valid is not None:
             itm_weight = torch.cat([valid, valid & ok_image, valid & ok_text])
-        # one fusion pass: [positives | text + neg image | neg text + image | MLM | (box)]
+        # one fusion pass: [positives | text + neg image | neg text + image | MLM | (box)]; the visual side is
+        # given once per distinct token set plus an index per sequence (keys/values projected once)
+        arange = torch.arange(n, device=vis.device)
         f_text = [text, text, text[neg_text], mlm_text]
         f_tmask = [text_mask, text_mask, text_mask[neg_text], text_mask]
-        f_vis = [vis, vis[neg_image], vis, vis]
+        f_index = [arange, neg_image, arange, arange]
+        f_vis = [vis]
         f_vmask = None if vis_mask is None else [vis_mask, vis_mask[neg_image], vis_mask, vis_mask]
         if box_tokens is not None:
             f_text.append(text)
             f_tmask.append(text_mask)
             f_vis.append(box_tokens)
+            f_index.append(n + box_index)
             if f_vmask is not None:
-                f_vmask.append(torch.ones(box_tokens.shape[:2], dtype=vis_mask.dtype, device=vis_mask.device))
+                f_vmask.append(torch.ones(n, box_tokens.shape[1], dtype=vis_mask.dtype, device=vis_mask.device))
         fused = self.fusion(torch.cat(f_text), torch.cat(f_tmask), torch.cat(f_vis),
-                            None if f_vmask is None else torch.cat(f_vmask))
+                            None if f_vmask is None else torch.cat(f_vmask), torch.cat(f_index))
 
         itm, itm_acc = itm_loss(self.itm_head(fused[:3 * n, 0]), n, itm_weight)
         pos, labels, overflow = select_masked_positions(mlm_labels, self.mlm_positions)

@@ -82,11 +82,24 @@ def test_concept_tokens_mean_of_box_patches():
     tokens = torch.randn(2, 1 + 16, 8)                 # 2 images, 4x4 patches
     idx = torch.tensor([1, 0, 1])
     boxes = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.875, 0.875, 0.25, 0.25]])
-    seq, key_mask, full = concept_tokens(tokens, idx, boxes, (4, 4))
+    seq, key_mask = concept_tokens(tokens, idx, boxes, (4, 4))
     assert seq.shape == (3, 17, 8) and key_mask.shape == (3, 17) and key_mask.dtype == torch.bool
     top_left = [1 + r * 4 + c for r in (0, 1) for c in (0, 1)]
     assert torch.allclose(seq[0, 0], tokens[1, top_left].mean(0), atol=1e-6)
     assert key_mask[0].sum() == 5 and key_mask[0, top_left].all() and key_mask[0, 0]
     assert torch.allclose(seq[1, 0], tokens[0, 1:].mean(0), atol=1e-6)
     assert torch.allclose(seq[2, 0], tokens[1, 16])
-    assert torch.equal(full, tokens[idx]) and torch.equal(seq[:, 1:], full[:, 1:])
+    assert torch.equal(seq[:, 1:], tokens[idx, 1:])
+
+
+def test_fusion_shared_images_by_index_equal_repeated_images():
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, text_layers=1)
+    fusion = build_fusion_encoder(cfg, vision_dim=24).eval()
+    text, mask = torch.randn(5, 6, 32), torch.ones(5, 6)
+    images, idx = torch.randn(2, 7, 24), torch.tensor([0, 1, 1, 0, 1])
+    key_mask = torch.rand(5, 7) > 0.3
+    key_mask[:, 0] = True
+    a = fusion(text, mask, images[idx], key_mask)
+    b = fusion(text, mask, images, key_mask, image_index=idx)
+    assert torch.allclose(a, b, atol=1e-6)
