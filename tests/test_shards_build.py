@@ -89,6 +89,7 @@ def test_rle_segmentations_resized_nearest(kind):
     assert same["counts"] == comp["counts"].decode()
 
 
+@pytest.mark.slow  # imports webdataset (and so torch) and starts worker processes
 def test_workers_give_identical_bytes_and_round_trip(tmp_path):
     items = _items(tmp_path, 7, size=(320, 240))
     m1 = build_shards(items, tmp_path / "w1", source="t", args={}, workers=1, samples_per_shard=2)
