@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from shards.__main__ import build_parser, run
-from shards.inspect import shard_dirs
+from shards.inspect import iter_tar_samples, shard_dirs
 from shards.manifest import read_manifest
 
 
@@ -60,3 +60,30 @@ def build_demo_shards(out: Path, seed: int = 0, images: int | None = None, worke
         print(f"[shards demo]   done in {time.perf_counter() - t:.1f}s", flush=True)
     print(f"[shards demo] {len(manifests)} shard sets under {shards} in {time.perf_counter() - t0:.1f}s", flush=True)
     return manifests
+
+
+def shard_texts(root: Path) -> list[str]:
+    """Every caption, region text and ref sentence in the shard sets under ``root``, in shard order."""
+    import json
+
+    texts: list[str] = []
+    for d in sorted(p.parent for p in Path(root).rglob("manifest.json")):
+        for s in read_manifest(d)["shards"]:
+            for _, group in iter_tar_samples(d / s["name"]):
+                rec = json.loads(group["json"])
+                texts += rec.get("captions", [])
+                texts += [r["text"] for r in rec.get("regions", [])]
+                texts += [t for ref in rec.get("refs", []) for t in ref["sentences"]]
+    return texts
+
+
+def build_demo_tokenizer(out: Path) -> Path:
+    """A small WordPiece tokenizer (shards.text.build_vocab_tokenizer) over every text in ``out/shards``,
+    written to ``out/tokenizer``: the synthetic vocabulary, offline, nothing ever [UNK]."""
+    from shards.text import build_vocab_tokenizer
+
+    tok_dir = Path(out) / "tokenizer"
+    texts = shard_texts(Path(out) / "shards")
+    build_vocab_tokenizer(texts, tok_dir)
+    print(f"[shards demo] tokenizer from {len(texts)} texts -> {tok_dir}", flush=True)
+    return tok_dir

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shards.demo import build_demo_shards
+from shards.demo import build_demo_shards, build_demo_tokenizer, shard_texts
 from shards.inspect import check_dir
 
 
@@ -21,3 +21,11 @@ def test_build_demo_shards(tmp_path, capsys):
     assert manifests["refcoco/val"]["refs_by_split"] == {"val": manifests["refcoco/val"]["refs"]}
     out = capsys.readouterr().out
     assert "[shards demo] python -m shards coco" in out and "shard sets under" in out
+
+    tok_dir = build_demo_tokenizer(tmp_path)
+    from shards.text import build_tokenizer, clean_caption
+    tok = build_tokenizer(tok_dir)
+    texts = shard_texts(tmp_path / "shards")
+    assert len(texts) == sum(m["captions"] + m["regions"] + m["sentences"] for m in manifests.values())
+    ids = tok([clean_caption(t) for t in texts])["input_ids"]  # the loaders tokenise cleaned text
+    assert all(tok.unk_token_id not in seq for seq in ids)
