@@ -8,9 +8,11 @@ deepspeed is first imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,6 +92,12 @@ def discover(env: dict | None = None) -> DistInfo:
     return DistInfo(0, 0, 1, "127.0.0.1", DEFAULT_PORT, "single")
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def use_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -109,6 +117,9 @@ def init_distributed(timeout_s: int = 1800) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+    if info.source == "single" and "MASTER_PORT" not in os.environ:
+        # one process still gets a (world-size-1) process group from DeepSpeed: never collide on 29500
+        info = dataclasses.replace(info, master_port=free_port())
     # DeepSpeed and env:// read these; export the discovered values for both launchers.
     os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))

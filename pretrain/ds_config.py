@@ -44,9 +44,6 @@ def build_ds_config(engine: EngineConfig, optim: OptimConfig, plan: BatchPlan) -
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if engine.zero_stage == 3:
-        # gather full weights on save so export_consolidated can read them without the zero_to_fp32 script
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     cfg = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,

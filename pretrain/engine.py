@@ -265,5 +265,16 @@ def _evaluate(evaluate: Callable[[nn.Module, int], dict], engine: Any, step: int
     with torch.no_grad():
         result = evaluate(engine.module, step)
     engine.module.train()
-    tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    tracker.log(step, _flatten(result, "eval/"))
     return result
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+    """{"val": {"rec": {"prec@0.5": x}}} -> {"eval/val/rec/prec@0.5": x} (numbers only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out

@@ -45,9 +45,9 @@ def env(**extra) -> dict:
     return e
 
 
-def run_tiny(config: Path, *overrides: str, nproc: int = 1, port: int = 29611, check: bool = True, **extra_env):
+def run_tiny(config: Path, *overrides: str, nproc: int = 1, check: bool = True, **extra_env):
     if nproc > 1:
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(SCRIPT), "--config", str(config), *overrides]
     else:
         cmd = [PY, str(SCRIPT), "--config", str(config), *overrides]
@@ -77,7 +77,7 @@ def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_zero_train_export_and_resume(tmp_path, stage):
     cfg = tiny_config(tmp_path, engine__zero_stage=stage, optim__total_steps=4)
-    run_tiny(cfg, nproc=2, port=29611 + stage)
+    run_tiny(cfg, nproc=2)
     out = tmp_path / "run"
     first = losses(out)
     assert sorted(first) == [1, 2, 3, 4] and all(map(lambda v: v == v and abs(v) < 1e6, first.values()))
@@ -87,7 +87,7 @@ def test_two_processes_zero_train_export_and_resume(tmp_path, stage):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
     assert (out / "checkpoints" / "step_00000004" / "rng_rank1.pt").is_file()
     # the checkpoint loads back: a longer run resumes at step 5 instead of starting over
-    run_tiny(cfg, "optim.total_steps=6", nproc=2, port=29621 + stage)
+    run_tiny(cfg, "optim.total_steps=6", nproc=2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resume" and r["step"] == 4 for r in rows)
     after = [r["step"] for r in rows if "loss" in r][4:]

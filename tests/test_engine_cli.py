@@ -56,7 +56,7 @@ def tiny_pretrain_config(tmp_path: Path, **engine) -> Path:
 @pytest.mark.slow
 def test_torchrun_two_processes_real_task_and_shards(tmp_path):
     config = tiny_pretrain_config(tmp_path, zero_stage=3)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pretrain", "--config", str(config)], env=cli_env(), capture_output=True, text=True,
                        timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
