@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from finetune.metrics import format_table
-    if summary.get("results"):
-        print(format_table(summary["results"]))
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, default=str))
+    from pretrain.distributed import discover
+    if discover().rank == 0:
+        if summary.get("results"):
+            print(format_table(summary["results"]))
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}, default=str))
     return 0
 
 
