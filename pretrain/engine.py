@@ -151,6 +151,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     data = _Data(make_loader, batches_per_epoch, epoch, batch_in_epoch)
     tracker = Tracker(cfg, out_dir, is_main=info.is_main, total_steps=cfg.optim.total_steps, start_step=step)
     if resume is not None:
+        tracker.truncate_after(step)
         tracker.message(f"resumed from {resume[0] / resume[1]} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1])})
     flops = getattr(task, "flops_per_sample", None)
@@ -246,6 +247,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
         export = export or out_dir / "export"
     tracker.close()
     return {"steps": step, "final_loss": last_loss, "samples_seen": samples_seen, "epoch": data.epoch,
+            "short_epochs": data.short_epochs,
             "nonfinite_skipped": nan_total, "history": str(out_dir / "metrics.jsonl"),
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,

@@ -84,6 +84,18 @@ class Tracker:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=not sys.stderr.isatty() and os.environ.get("VLP_PROGRESS") != "1")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop metrics rows logged after `step` (a killed run logged steps its checkpoint does not hold; the
+        resumed run logs them again). Returns the number of rows dropped."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return 0
+        rows = self.metrics_path.read_text().splitlines()
+        keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in keep))
+        os.replace(tmp, self.metrics_path)
+        return len(rows) - len(keep)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
