@@ -24,7 +24,8 @@ from pretrain.encoders import build_text_encoder, build_vision_encoder
 class GroundingTask(nn.Module):
     def __init__(self, model: VGLaw, loss: GroundingLossConfig, *, mask_grounding: MaskGrounding | None = None,
                  mg_cfg: MaskGroundingConfig | None = None, mask_token_id: int = 103,
-                 special_ids: Sequence[int] = (0, 101, 102), backbone_lr_mult: float = 0.1) -> None:
+                 special_ids: Sequence[int] = (0, 101, 102), backbone_lr_mult: float = 0.1,
+                 text_len: int = 40) -> None:
         super().__init__()
         self.model = model
         self.mask_grounding = mask_grounding
@@ -33,9 +34,32 @@ class GroundingTask(nn.Module):
         self.mask_token_id = mask_token_id
         self.special_ids = tuple(int(i) for i in special_ids)
         self.backbone_lr_mult = backbone_lr_mult
+        self.text_len = text_len
+        self._flops: float | None = None
 
     def lr_multipliers(self) -> dict[str, float]:
         return {"model.vision.vit.": self.backbone_lr_mult, "model.text.": self.backbone_lr_mult}
+
+    def flops_per_sample(self) -> float:
+        """Forward + backward FLOPs of one training sample (3x the forward's matmul FLOPs, counted once with
+        torch.utils.flop_counter on a dummy sample; Mask Grounding's second pass included when enabled)."""
+        if self._flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            p = next(self.parameters())
+            size = self.model.vision.vit.patch_embed.img_size
+            L = self.text_len
+            batch = {"image": torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype),
+                     "text_ids": torch.full((1, L), 1000 % self.model.text.config.vocab_size, device=p.device),
+                     "text_mask": torch.ones(1, L, dtype=torch.long, device=p.device),
+                     "bbox": torch.tensor([[0.5, 0.5, 0.2, 0.2]], device=p.device),
+                     "mask": torch.zeros(1, *size, device=p.device)}
+            batch["text_ids"][0, 0] = self.special_ids[0] if self.special_ids else 0
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                self.forward(batch)
+            self._flops = 3.0 * counter.get_total_flops()
+        return self._flops
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per ViT block and per BERT layer (engine.activation_checkpointing)."""
@@ -100,4 +124,4 @@ def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:
         kwargs["mask_token_id"] = tokenizer.mask_token_id
         kwargs["special_ids"] = tuple(tokenizer.all_special_ids)
     return GroundingTask(model, cfg.loss, mask_grounding=mg, mg_cfg=mg_cfg,
-                         backbone_lr_mult=cfg.backbone_lr_mult, **kwargs)
+                         backbone_lr_mult=cfg.backbone_lr_mult, text_len=cfg.data.max_len, **kwargs)

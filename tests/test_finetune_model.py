@@ -129,3 +129,12 @@ def test_lr_multipliers_cover_both_backbones():
     assert "model.text.layer.0.attention.self.query.weight" in slow
     assert not any(n.startswith(("model.vision.law.", "model.rec_head.", "model.res_head.", "mask_grounding."))
                    for n in slow)
+
+
+def test_flops_per_sample_counts_the_mask_grounding_pass():
+    plain = build_task(tiny_config(**{"model.mask_grounding.enabled": False})).flops_per_sample()
+    with_mg = build_task(tiny_config()).flops_per_sample()
+    # LAW ViT forward alone: 4 blocks of qkv/proj/mlp matmuls on 16 tokens of width 48 (x3 for backward)
+    vit_matmuls = 3 * 4 * 2 * 16 * (48 * 144 + 48 * 48 + 2 * 48 * 192)
+    assert plain > vit_matmuls
+    assert with_mg > plain + vit_matmuls                # second backbone pass on the masked text
