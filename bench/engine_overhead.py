@@ -144,7 +144,7 @@ def run_config(args, name: str, device: torch.device) -> dict:
         result = {"config": name, "params_M": round(params / 1e6, 1), "oom": True}
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    del task, data
+    task = data = step = None             # free this configuration's model before the next one
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -2,7 +2,8 @@
 
 wandb must never block or fail a run: `init_wandb` bounds the start-up with `init_timeout`, catches every
 error (unreachable server, missing API key, bad entity) and falls back to no wandb with one warning line.
-`WANDB_MODE` in the environment wins over `run.wandb.mode` (unless that is `disabled`) so a cluster profile can switch it globally.
+`WANDB_MODE` in the environment wins over `run.wandb.mode` (unless that is `disabled`), so a cluster profile
+can switch it globally.
 metrics.jsonl (one JSON object per logged step) is what the demo report plots.
 """
 from __future__ import annotations

@@ -91,7 +91,8 @@ def test_shards_array_task_runs_its_line(tmp_path):
     env = slurm_env(tmp_path, bin_dir, DRY_RUN="1", SLURM_ARRAY_TASK_ID="1")
     r = subprocess.run(["bash", str(SLURM / "shards.sbatch"), str(cmds)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "python -m shards vg --images /d/vg --image-data /d/i.json --regions /d/r.json --out /s/vg --workers 3"
+    assert r.stdout.strip() == ("python -m shards vg --images /d/vg --image-data /d/i.json --regions /d/r.json "
+                                "--out /s/vg --workers 3")
     env["SLURM_ARRAY_TASK_ID"] = "0"
     r = subprocess.run(["bash", str(SLURM / "shards.sbatch"), str(cmds)], env=env, capture_output=True, text=True)
     assert r.stdout.strip().endswith("--out /s/coco --workers 12")
