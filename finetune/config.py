@@ -29,7 +29,7 @@ class MaskGroundingConfig:
     depth: int = 2                          # layers of the masked-token predictor
     heads: int = 8
     dim: int = 256                          # predictor width
-    use_box: bool = True                    # mask embedding from (centre, box) instead of the centre alone
+    use_box: bool = False                   # mask embedding from (centre, box) instead of MagNet's centre alone
     reuse_visual: bool = False              # True: predictor sees the main pass's visual tokens (cheaper, but
                                             # LAW conditioned them on the unmasked words, which can leak them)
 
