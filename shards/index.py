@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
 from shards.decode import DecodeError, decode_image
-from shards.stream import DataError, resolve_shards
+from shards.sources import DataError, resolve_shards
 from shards.text import clean_caption, has_direction_words
 
 log = logging.getLogger(__name__)

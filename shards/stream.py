@@ -20,6 +20,7 @@ How one epoch is read (per rank, per DataLoader worker, all inside the worker pr
 4. Batches: `batch_size` image-text items, and `region_texts` region texts drawn from at most
    `region_images` region crops (up to `texts_per_image` per image); texts are repeated to fill the fixed
    count (`region_repeats`), images repeated to fill `region_images`.
+Shard lists, splits, raw reading and mixing live in `shards.sources`; this module plans, decodes and batches.
 Bad samples (unreadable or truncated tar, bad JSON, undecodable image, no usable caption/box) are skipped
 and counted by reason, never raised; a summary is logged at the end of each worker's epoch and the loader's
 `skips` holds the totals seen so far. An image that fails to decode inside a batch is replaced by another
@@ -30,231 +31,28 @@ that time too, for a loop that only wants an epoch total.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import os
 import random
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
 
 from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize, plan_region_crop,
                             region_view)
 from shards.decode import DECODERS, DecodeError
+from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
+                            parse_sources, resolve_shards)
 from shards.text import MLMMasker, clean_caption, encode_and_mask, swap_left_right
 
+__all__ = ["DataError", "PretrainLoader", "PretrainStream", "StreamSettings", "build_pretrain_loader",
+           "parse_sources", "resolve_shards"]
 log = logging.getLogger(__name__)
-PARTS = ("image", "region")
-
-
-class DataError(ValueError):
-    """A user mistake in the data section (bad path, empty shard list, bad source entry)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources and shard lists
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Source:
-    name: str
-    shards: list[str]
-    weight: float
-    parts: tuple[str, ...] = PARTS     # which parts this source may feed (narrowed by its manifest counts)
-    samples: Optional[int] = None      # from the manifest, when there is one
-    shard_samples: dict = field(default_factory=dict)  # path -> sample count listed in the manifest
-
-
-def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
-    """A shard directory (manifest.json, else shard-*.tar) or a brace pattern -> (tar paths, manifest)."""
-    p = Path(spec)
-    if p.is_dir():
-        mpath = p / "manifest.json"
-        if mpath.is_file():
-            try:
-                manifest = json.loads(mpath.read_text())
-                names = [s["name"] for s in manifest["shards"]]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{mpath}: malformed manifest ({e})") from None
-            paths = [str(p / n) for n in names]
-            missing = [x for x in paths if not os.path.isfile(x)]
-            if missing:
-                raise DataError(f"{missing[0]}: shard listed in {mpath} is missing")
-            if not paths:
-                raise DataError(f"{mpath}: lists no shards")
-            return paths, manifest
-        paths = sorted(glob.glob(str(p / "*.tar")))
-        if not paths:
-            raise DataError(f"{p}: no manifest.json and no .tar shards")
-        return paths, None
-    paths = [x for x in braceexpand.braceexpand(spec)]
-    missing = [x for x in paths if not os.path.isfile(x)]
-    if not paths or missing:
-        raise DataError(f"{missing[0] if missing else spec}: shard not found (expected a shard directory or a brace pattern)")
-    return paths, None
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
-
-
-def parse_sources(entries: Any) -> list[Source]:
-    """`data.sources` entries ({name, shards, weight[, parts]} mappings or objects) -> checked `Source`s.
-
-    `parts` (optional) restricts a source to "image" and/or "region"; by default a source feeds each part
-    its manifest counts say it has data for (captions / regions), or both when it has no manifest."""
-    if not entries:
-        raise DataError("data.sources: no sources given")
-    out = []
-    for i, e in enumerate(entries):
-        name, spec, weight = _get(e, "name"), _get(e, "shards"), _get(e, "weight", 1.0)
-        if not name or not spec:
-            raise DataError(f"data.sources[{i}]: needs 'name' and 'shards'")
-        if not isinstance(weight, (int, float)) or weight <= 0:
-            raise DataError(f"data.sources[{i}] ({name}): weight must be a positive number, got {weight!r}")
-        parts = tuple(_get(e, "parts", None) or PARTS)
-        if any(x not in PARTS for x in parts):
-            raise DataError(f"data.sources[{i}] ({name}): parts must be a subset of {list(PARTS)}, got {list(parts)}")
-        paths, manifest = resolve_shards(str(spec))
-        samples, shard_samples = None, {}
-        if manifest is not None:
-            samples = manifest.get("samples")
-            shard_samples = {path: s.get("samples") for path, s in zip(paths, manifest["shards"])
-                             if isinstance(s.get("samples"), int)}
-            if _get(e, "parts", None) is None:
-                parts = tuple(p for p, k in (("image", "captions"), ("region", "regions"))
-                              if not isinstance(manifest.get(k), int) or manifest[k] > 0)
-        out.append(Source(str(name), paths, float(weight), parts, samples, shard_samples))
-    return out
-
-
-def consumer_shards(shards: list[str], *, seed: int, epoch: int, source_index: int, pass_index: int,
-                    consumer: int, n_consumers: int) -> tuple[list[str], Optional[tuple[int, int]]]:
-    """The shards one consumer reads in one pass, and (k, n) when it must keep every n-th sample from k."""
-    rng = np.random.default_rng([seed, epoch, source_index, pass_index, 7919])
-    order = [shards[i] for i in rng.permutation(len(shards))]
-    if len(order) >= n_consumers:
-        return order[consumer::n_consumers], None
-    return order, (consumer, n_consumers)
-
-
-# ----------------------------------------------------------------------------------------------
-# Skips
-# ----------------------------------------------------------------------------------------------
-class SkipCounter:
-    """Counts skipped samples by reason; `handler` is a webdataset exception handler that never raises."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self._logged = 0
-
-    def add(self, reason: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        if self._logged < 20:                       # a few examples, then only the summary
-            self._logged += 1
-            log.warning("skipped sample (%s) %s", reason, detail[:200])
-
-    def handler(self, exn: BaseException) -> bool:
-        if isinstance(exn, (tarfile.ReadError, EOFError)) or "tar" in type(exn).__module__:
-            reason = "bad_tar"
-        elif isinstance(exn, OSError):
-            reason = "unreadable_shard"
-        else:
-            reason = "bad_sample"
-        self.add(reason, f"{type(exn).__name__}: {exn}")
-        return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Raw sample streams (no decoding)
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Raw:
-    key: str
-    source: int
-    jpg: bytes
-    meta: dict
-
-
-def _read_pass(src: Source, shards: list[str], keep: Optional[tuple[int, int]], index: int,
-               skips: SkipCounter) -> Iterator[Raw]:
-    n = 0
-    per_shard: Counter = Counter()
-    for sample in tarfile_samples([{"url": u} for u in shards], handler=skips.handler):
-        n += 1
-        per_shard[sample.get("__url__")] += 1
-        if keep is not None and (n - 1) % keep[1] != keep[0]:
-            continue
-        key = sample.get("__key__", "?")
-        if "json" not in sample:
-            skips.add("missing_json", key)
-            continue
-        img = sample.get("jpg", sample.get("jpeg", sample.get("png")))
-        if img is None:
-            skips.add("missing_image", key)
-            continue
-        try:
-            meta = json.loads(sample["json"])
-            int(meta["width"]), int(meta["height"])
-        except (ValueError, KeyError, TypeError) as e:
-            skips.add("bad_json", f"{key}: {e}")
-            continue
-        yield Raw(key, index, img, meta)
-    # tarfile ends a stream cut at a header boundary silently: compare with the manifest's counts
-    for u in shards:
-        want = src.shard_samples.get(u)
-        if want is not None and per_shard[u] < want:
-            for _ in range(want - per_shard[u]):
-                skips.add("truncated_shard", u)
-
-
-def _endless(src: Source, index: int, part: str, *, seed: int, epoch: int, consumer: int, n_consumers: int,
-             skips: SkipCounter) -> Iterator[Raw]:
-    """Passes over one consumer's share of a source; stops (drops the source) after a pass with no
-    usable sample for `part`."""
-    pass_index = 0
-    while True:
-        shards, keep = consumer_shards(src.shards, seed=seed, epoch=epoch, source_index=index * 2 + PARTS.index(part),
-                                       pass_index=pass_index, consumer=consumer, n_consumers=n_consumers)
-        useful = 0
-        for raw in _read_pass(src, shards, keep, index, skips):
-            if _has_part(raw.meta, part):
-                useful += 1
-                yield raw
-        if useful == 0:
-            log.warning("source %s gives no %s samples to consumer %d of %d; dropped for this epoch",
-                        src.name, part, consumer, n_consumers)
-            return
-        pass_index += 1
-
-
-def _has_part(meta: dict, part: str) -> bool:
-    return bool(meta.get("captions")) if part == "image" else bool(meta.get("regions"))
-
-
-def _mix(streams: list[Iterator[Raw]], weights: list[float], rng: np.random.Generator) -> Iterator[Raw]:
-    """Weighted resampling across source streams; a finished (dropped) stream leaves the mix."""
-    streams, weights = list(streams), list(weights)
-    while streams:
-        cum = np.cumsum(weights)
-        for u in rng.random(256) * cum[-1]:          # draws in blocks: one numpy call per 256 samples
-            k = min(int(np.searchsorted(cum, u, side="right")), len(streams) - 1)
-            try:
-                yield next(streams[k])
-            except StopIteration:
-                del streams[k], weights[k]
-                break
-
 
 # ----------------------------------------------------------------------------------------------
 # Batch plans (decided without decoding) and their materialisation
@@ -299,7 +97,7 @@ class StreamSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamSettings":
-        kw = {f: _get(cfg, f) for f in cls.__dataclass_fields__ if _get(cfg, f) is not None}
+        kw = {f: get_field(cfg, f) for f in cls.__dataclass_fields__ if get_field(cfg, f) is not None}
         s = cls(**kw)
         s.mean, s.std = tuple(s.mean), tuple(s.std)
         if s.decoder not in DECODERS:
@@ -368,9 +166,9 @@ class PretrainStream(IterableDataset):
             idx = [i for i, src in enumerate(self.sources) if part in src.parts]
             if not idx:
                 return None
-            streams = [_endless(self.sources[i], i, part, seed=self.seed, epoch=self.epoch, consumer=consumer,
+            streams = [endless_source(self.sources[i], i, part, seed=self.seed, epoch=self.epoch, consumer=consumer,
                                 n_consumers=n_cons, skips=self.skips) for i in idx]
-            mixed = _mix(streams, [self.sources[i].weight for i in idx], rng)
+            mixed = mix_sources(streams, [self.sources[i].weight for i in idx], rng)
             return _shuffle(mixed, bufsize=max(1, s.shuffle_buffer), initial=max(1, s.shuffle_buffer // 2), rng=py_rng)
 
         images = part_stream("image")
@@ -565,7 +363,7 @@ def build_pretrain_loader(data_cfg: Any, tokenizer: Any, *, rank: int, world_siz
     max_words, max_tokens, max_masks, mask_prob, num_workers, shuffle_buffer, batches_per_epoch, decoder,
     decode_reduce, mean, std. Raises `DataError` (one line) for a bad path or setting."""
     settings = StreamSettings.from_config(data_cfg)
-    sources = parse_sources(_get(data_cfg, "sources"))
+    sources = parse_sources(get_field(data_cfg, "sources"))
     if not 0 <= start_batch <= settings.batches_per_epoch:
         raise DataError(f"start_batch {start_batch} outside [0, {settings.batches_per_epoch}]")
     stream = PretrainStream(sources, tokenizer, settings, rank=rank, world_size=world_size, epoch=epoch, seed=seed,

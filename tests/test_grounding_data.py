@@ -1,7 +1,6 @@
 """Map-style grounding data: exact evaluation under 1-3 ranks, geometry back to stored pixels, VG-LAW flips."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

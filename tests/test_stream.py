@@ -1,8 +1,6 @@
 """The streaming pretraining loader: rank/worker splits, source weights, bad samples, exact resume."""
-import json
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 

@@ -20,7 +20,7 @@ def test_clean_caption_is_xvlm_pre_caption():
 
 def test_build_vocab_tokenizer_roundtrip(tmp_path):
     tok = build_vocab_tokenizer(["A red car, parked!", "the man on the left"], tmp_path / "tok")
-    assert (tmp_path / "tok" / "vocab.txt").is_file()
+    assert (tmp_path / "tok" / "vocab.txt").is_file() and tok.mask_token == "[MASK]"
     again = build_tokenizer(tmp_path / "tok")
     ids = again("a red car on the left")["input_ids"]
     assert ids[0] == again.cls_token_id and ids[-1] == again.sep_token_id
