@@ -7,7 +7,9 @@ activation checkpointing vs ZeRO-0).
     python bench/engine_overhead.py --device cuda --model large --batch 32 --configs zero0,zero3+ckpt
 
 Each configuration builds the model afresh from the same seed and runs `--warmup` untimed and `--steps` timed
-steps on the same random batches (pretrain.fake_batch: the loader's batch contract). The bare loop is
+steps on the same random batches (pretrain.fake_batch: the loader's batch contract). On CPU the configurations
+run side by side, one step of each in turn, so a shared machine's load changes hit them alike; on CUDA they run
+one after another so each peak memory is its own. The bare loop is
 forward -> backward -> clip -> torch AdamW -> LambdaLR with autocast for bf16 (what one would write without
 DeepSpeed); the DeepSpeed rows use the engine exactly as pretrain.engine.train builds it. A configuration that
 runs out of GPU memory is reported as "oom". Step time is the median over the timed steps. The last line is
@@ -83,7 +85,8 @@ def batches(cfg, n: int, device: torch.device):
             for _ in range(n)]
 
 
-def run_config(args, name: str, device: torch.device) -> dict:
+def make_step(args, name: str, device: torch.device):
+    """(step function, #params) for one configuration; the step runs forward/backward/update on a batch."""
     from pretrain.ds_config import build_ds_config, plan_batch
     from pretrain.engine import to_device
     from pretrain.optim import build_optimizer, build_scheduler
@@ -93,61 +96,86 @@ def run_config(args, name: str, device: torch.device) -> dict:
     cfg.engine.zero_stage = spec["stage"] or 0
     cfg.engine.offload_optimizer = spec["offload"]
     params = sum(p.numel() for p in task.parameters())
-    data = batches(cfg, args.warmup + args.steps, device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     bf16 = args.precision == "bf16"
-    try:
-        task.to(device)
-        opt = build_optimizer(task, cfg.optim, device)
-        if spec["deepspeed"]:
-            import deepspeed
+    task.to(device)
+    opt = build_optimizer(task, cfg.optim, device)
+    if spec["deepspeed"]:
+        import deepspeed
 
-            engine, *_ = deepspeed.initialize(model=task, optimizer=opt,
-                                              lr_scheduler=lambda o: build_scheduler(o, cfg.optim),
-                                              config=build_ds_config(cfg.engine, cfg.optim,
-                                                                     plan_batch(args.batch, 1, cfg.engine)))
-            cast = torch.bfloat16 if bf16 else None
+        engine, *_ = deepspeed.initialize(model=task, optimizer=opt,
+                                          lr_scheduler=lambda o: build_scheduler(o, cfg.optim),
+                                          config=build_ds_config(cfg.engine, cfg.optim,
+                                                                 plan_batch(args.batch, 1, cfg.engine)))
+        cast = torch.bfloat16 if bf16 else None
 
-            def step(batch):
-                loss = engine(to_device(batch, device, cast))["loss"]
-                engine.backward(loss)
-                engine.step()
-                return loss
-        else:
-            sched = build_scheduler(opt, cfg.optim)
+        def step(batch):
+            loss = engine(to_device(batch, device, cast))["loss"]
+            engine.backward(loss)
+            engine.step()
+            return float(loss.detach())      # the loop reads the loss every step too (finite check)
+    else:
+        sched = build_scheduler(opt, cfg.optim)
 
-            def step(batch):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = task(batch)["loss"]
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                return loss
+        def step(batch):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = task(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            return float(loss.detach())
+    return step, params, cfg
 
-        times = []
-        for i, batch in enumerate(data):
-            sync(device)
-            t0 = time.perf_counter()
-            loss = step(batch)
-            float(loss.detach())             # the loop reads the loss every step too (finite check)
-            sync(device)
+
+def timed(step, batch, device: torch.device) -> tuple[float, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    loss = step(batch)
+    sync(device)
+    return time.perf_counter() - t0, loss
+
+
+def summarize(name: str, params: int, times: list[float], loss: float, batch: int) -> dict:
+    med = statistics.median(times)          # the median resists load spikes on a shared machine
+    return {"config": name, "params_M": round(params / 1e6, 2), "step_s": med, "samples_per_s": batch / med,
+            "final_loss": loss}
+
+
+def run_interleaved(args, names: list[str], device: torch.device) -> list[dict]:
+    """CPU: all configurations side by side, one step of each in turn, so load changes hit them alike."""
+    setups = [make_step(args, n, device) for n in names]
+    data = batches(setups[0][2], args.warmup + args.steps, device)
+    times: list[list[float]] = [[] for _ in names]
+    losses = [0.0] * len(names)
+    for i, batch in enumerate(data):
+        for k, (step, _, _) in enumerate(setups):
+            dt, losses[k] = timed(step, batch, device)
             if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        med = statistics.median(times)      # the median resists load spikes on a shared machine
-        result = {"config": name, "params_M": round(params / 1e6, 2), "step_s": med,
-                  "samples_per_s": args.batch / med, "final_loss": float(loss.detach())}
+                times[k].append(dt)
+    return [summarize(n, s[1], t, loss, args.batch) for n, s, t, loss in zip(names, setups, times, losses)]
+
+
+def run_alone(args, name: str, device: torch.device) -> dict:
+    """CUDA: one configuration at a time, so the peak memory is its own; OOM is reported, not raised."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    params = 0
+    try:
+        step, params, cfg = make_step(args, name, device)
+        data = batches(cfg, args.warmup + args.steps, device)
+        times, loss = [], 0.0
+        for i, batch in enumerate(data):
+            dt, loss = timed(step, batch, device)
+            if i >= args.warmup:
+                times.append(dt)
+        result = summarize(name, params, times, loss, args.batch)
     except torch.OutOfMemoryError:
-        result = {"config": name, "params_M": round(params / 1e6, 1), "oom": True}
-    if device.type == "cuda":
-        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    task = data = step = None             # free this configuration's model before the next one
+        result = {"config": name, "params_M": round(params / 1e6, 2), "oom": True}
+    result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    step = data = None                       # free this configuration's model before the next one
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return result
 
 
@@ -167,7 +195,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 cpu, 20 cuda)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 on cpu, bf16 on cuda")
-    p.add_argument("--threads", type=int, default=2, help="torch threads on cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on cpu (1 resists oversubscription)")
     args = p.parse_args()
     _, batch, rt, ri = MODELS[args.model]
     args.batch = args.batch or batch
@@ -184,11 +212,15 @@ def main() -> None:
     if info.world_size != 1:
         raise SystemExit("error: run this benchmark as one process")
 
-    rows = []
-    for name in configs:
-        row = run_config(args, name, device)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    if device.type == "cuda":
+        rows = []
+        for name in configs:
+            rows.append(run_alone(args, name, device))
+            print(json.dumps(rows[-1]), flush=True)
+    else:
+        rows = run_interleaved(args, configs, device)
+        for row in rows:
+            print(json.dumps(row))
     ref = next((r for r in rows if r["config"] == "bare" and "step_s" in r), None) or \
         next((r for r in rows if "step_s" in r), None)
     ratios = {r["config"]: round(r["step_s"] / ref["step_s"], 3) for r in rows if "step_s" in r} if ref else {}
