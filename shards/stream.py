@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle
 
 from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize, plan_region_crop,
                             region_view)
@@ -169,7 +169,8 @@ class PretrainStream(IterableDataset):
             streams = [endless_source(self.sources[i], i, part, seed=self.seed, epoch=self.epoch, consumer=consumer,
                                 n_consumers=n_cons, skips=self.skips) for i in idx]
             mixed = mix_sources(streams, [self.sources[i].weight for i in idx], rng)
-            return _shuffle(mixed, bufsize=max(1, s.shuffle_buffer), initial=max(1, s.shuffle_buffer // 2), rng=py_rng)
+            buffer = shuffle(max(1, s.shuffle_buffer), max(1, s.shuffle_buffer // 2), rng=py_rng)
+            return buffer(mixed)
 
         images = part_stream("image")
         if images is None:
