@@ -142,13 +142,27 @@ def build_bert_config(cfg: TextConfig, vocab_size: int | None = None) -> BertCon
 
 
 def read_bert_state_dict(bert_dir: str | Path) -> dict[str, Tensor]:
-    """The weights of a local BERT checkpoint dir (any BertModel / BertFor* layout) as BertModel keys."""
-    from transformers import BertModel
+    """The weights of a local BERT checkpoint dir as BertModel keys (`embeddings.*`, `encoder.layer.*`), plus
+    the MLM head's `cls.predictions.{transform.*, bias}` when the checkpoint has them (BertForMaskedLM /
+    BertForPreTraining layouts; a bare BertModel has none)."""
+    from transformers import BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()        # a bare BertModel dir lacks the head: expected, not worth a table
     try:
-        model = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+        model, info = BertForMaskedLM.from_pretrained(str(bert_dir), output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.text.bert: cannot load {bert_dir} ({str(e).splitlines()[0]})") from None
-    return model.state_dict()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("bert."):
+            sd[k[len("bert."):]] = v
+        elif k.startswith("cls.predictions.") and ".decoder." not in k and k not in missing:
+            sd[k] = v
+    return sd
 
 
 def load_bert_layers(module: nn.Module, sd: Mapping[str, Tensor], first_layer: int,

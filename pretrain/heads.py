@@ -30,5 +30,21 @@ class MLMHead(nn.Module):
                 nn.init.normal_(m.weight, std=config.initializer_range)
                 nn.init.zeros_(m.bias)
 
+    def load_bert_head(self, sd: dict[str, Tensor]) -> bool:
+        """Load `cls.predictions.{transform.*, bias}` from a BERT state dict; False when it has none.
+        A bias of another vocabulary size is copied over the entries both share."""
+        prefix = "cls.predictions."
+        own = self.state_dict()
+        found = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in own}
+        if set(found) != set(own):
+            return False
+        if found["bias"].shape != own["bias"].shape:
+            bias = own["bias"].clone()
+            n = min(bias.shape[0], found["bias"].shape[0])
+            bias[:n] = found["bias"][:n]
+            found["bias"] = bias
+        self.load_state_dict(found)
+        return True
+
     def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
         return F.linear(self.transform(hidden), word_embeddings, self.bias)

