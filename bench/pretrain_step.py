@@ -134,7 +134,7 @@ def time_steps(model: nn.Module, batch: dict, args: argparse.Namespace, device: 
         loss = step()
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    out = {"step_s": dt, "warmup_s": warm_s, "loss": float(loss)}
+    out = {"step_s": dt, "warmup_s": warm_s, "loss": float(loss.detach())}
     if device.type == "cuda":
         out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     del opt
