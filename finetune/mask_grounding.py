@@ -74,7 +74,7 @@ class MaskGrounding(nn.Module):
                 boxes: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """text [B,L,d_l] (features of the masked text), visual [B,N,C], GT masks [B,S,S] and boxes [B,4],
         masked positions [B,L] (bool) and their true ids [B,L] -> mean CE over masked tokens (0 if none)."""
-        where = mask_centre_box(masks, boxes)
+        where = mask_centre_box(masks, boxes).to(self.text_proj.weight.dtype)
         c = self.mask_embed(where if self.use_box else where[:, :2])[:, None]
         o = self.text_proj(text) + self.type_embed.weight[0]
         p = self.vis_proj(visual) + self.type_embed.weight[1]

@@ -138,3 +138,14 @@ def test_flops_per_sample_counts_the_mask_grounding_pass():
     vit_matmuls = 3 * 4 * 2 * 16 * (48 * 144 + 48 * 48 + 2 * 48 * 192)
     assert plain > vit_matmuls
     assert with_mg > plain + vit_matmuls                # second backbone pass on the masked text
+
+
+def test_bf16_training_step():
+    # DeepSpeed bf16 casts the weights and every floating input to bf16 (no autocast)
+    torch.manual_seed(0)
+    task = build_task(tiny_config()).to(torch.bfloat16)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tiny_batch(n=2).items()}
+    out = task(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["mask_grounding"] > 0
+    assert task.model.vision.law.phi_weight.grad is not None
