@@ -137,7 +137,6 @@ def time_steps(model: nn.Module, batch: dict, args: argparse.Namespace, device: 
     out = {"step_s": dt, "warmup_s": warm_s, "loss": float(loss.detach())}
     if device.type == "cuda":
         out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del opt
     return out
 
 

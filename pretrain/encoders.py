@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import timm
 import torch
@@ -73,7 +73,7 @@ def load_vision_weights(model: nn.Module, path_or_state_dict: str | Path | Mappi
         sd, where = _read_state_dict(path_or_state_dict), str(path_or_state_dict)
     else:
         sd, where = dict(path_or_state_dict), "state dict"
-    sd = {k[len("vision."):] if k.startswith("vision.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("vision."): v for k, v in sd.items()}
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         sd = filter_fn(sd, model)

@@ -7,7 +7,7 @@ a checkpoint loads into fusion layer i; cross-attention weights are new (random 
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 from transformers import BertConfig

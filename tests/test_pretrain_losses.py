@@ -127,7 +127,7 @@ def test_itc_ignores_padding_repeats():
 
 def test_itm_and_box_losses_weighted():
     logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
-    loss, acc = itm_loss(logits, 1, torch.tensor([1.0, 1.0, 0.0]))
+    _, acc = itm_loss(logits, 1, torch.tensor([1.0, 1.0, 0.0]))
     assert acc.item() == 1.0
     pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
     l1, giou = box_losses(pred, pred[[0, 0]], torch.tensor([True, False]))
