@@ -1,6 +1,7 @@
 """VG-LAW model pieces: language adaptive weights, ViTDet windowing, heads, Mask Grounding."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetune.mask_grounding import mask_tokens
@@ -103,6 +104,7 @@ def test_mask_tokens_only_words():
     assert (masked[pos] == 103).all() and torch.equal(masked[~pos], ids[~pos])
 
 
+@pytest.mark.slow
 def test_mask_grounding_loss_falls():
     torch.manual_seed(0)
     task = build_task(tiny_config())
