@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,13 @@ def test_init_from_pretraining_export(pretrain_export):
         load_pretrained(task.model, exp.parent / "bad.safetensors")
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_train_evaluate_predict_cli(tmp_path, monkeypatch, capsys):
     from finetune.__main__ import main as train_main
@@ -114,6 +123,17 @@ def test_train_evaluate_predict_cli(tmp_path, monkeypatch, capsys):
     again = json.loads(out.read_text())
     assert again["split"] == "val" and again["n"] == results["val"]["n"]
     assert again["rec"] == results["val"]["rec"] and again["res"] == pytest.approx(results["val"]["res"])
+
+    # two real ranks (gloo): each scores its exact share, records are gathered by index -> the same result
+    out2 = tmp_path / "val2.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "finetune.evaluate", "--checkpoint", str(run / "export"),
+                           "--data", str(data), "--split", "val", "--out", str(out2), "--device", "cpu",
+                           "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(out2.read_text())
+    assert two["n"] == again["n"] and two["rec"] == again["rec"] and two["res"] == pytest.approx(again["res"])
 
     img = tmp_path / "img.jpg"
     Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(img)
