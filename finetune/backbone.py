@@ -90,7 +90,7 @@ class LawViT(nn.Module):
     def _attention(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], windowed: bool,
                    phi: torch.Tensor | None) -> torch.Tensor:
         attn = blk.attn
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.law.project(x, attn.qkv, phi) if self.law is not None else attn.qkv(x)
         mask = None
         if windowed:                            # qkv is token-wise, so it commutes with partitioning

@@ -55,7 +55,7 @@ class ResHead(nn.Module):
     def forward(self, visual: torch.Tensor, hw: tuple[int, int], cls: torch.Tensor,
                 out_size: tuple[int, int]) -> torch.Tensor:
         """visual [B,N,C] on grid hw, cls [B,d_l] -> mask logits [B, *out_size]."""
-        B, N, C = visual.shape
+        B, _, C = visual.shape
         fmap = self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
         logits = torch.einsum("bchw,bc->bhw", fmap, self.text_proj(cls)) / math.sqrt(C)
         return F.interpolate(logits[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]

@@ -40,7 +40,7 @@ def mask_tokens(ids: torch.Tensor, attn_mask: torch.Tensor, ratio: float, mask_i
 def mask_centre_box(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Centre of mass of each 0/1 mask [B,S,S] in normalised (x, y), falling back to the box centre for an
     empty mask; concatenated with the normalised (cx,cy,w,h) box -> [B, 6]."""
-    B, H, W = masks.shape
+    _, H, W = masks.shape
     m = masks.float()
     area = m.sum((1, 2))
     ys = (torch.arange(H, device=m.device, dtype=m.dtype) + 0.5) / H

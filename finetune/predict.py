@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError, DecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    kw = dict(image_size=cfg.data.image_size, max_len=cfg.data.max_len, device=args.device, threshold=args.threshold)
+    kw = {"image_size": cfg.data.image_size, "max_len": cfg.data.max_len, "device": args.device,
+          "threshold": args.threshold}
     if not args.pairs:
         try:
             image = read_image(args.image)
