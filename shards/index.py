@@ -162,6 +162,11 @@ class GroundingDataset(Dataset):
                 "bbox": [float(x) for x in ref["bbox"]], "mask": ref.get("mask"),
                 "size": [im["height"], im["width"]]}
 
+    def raw_image(self, index: int) -> np.ndarray:
+        """The stored image of item `index` as an RGB uint8 array [H, W, 3] (for pictures and error analysis)."""
+        im = self.images[self.items[index][0]]
+        return decode_image(self.index.read(im["sample"], im["ext"]), self.decoder).permute(1, 2, 0).numpy()
+
     def _mask(self, ref: dict, h: int, w: int) -> torch.Tensor:
         rle = ref.get("mask")
         if rle:
