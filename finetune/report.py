@@ -52,7 +52,7 @@ def manifest_table(manifests: dict[str, dict]) -> str:
     for name in sorted(manifests):
         m = manifests[name]
         counts = m.get("counts", m)
-        skips = m.get("skips", {}) or {}
+        skips = m.get("skipped", {}) or {}
         skip_text = ", ".join(f"{k}: {v}" for k, v in sorted(skips.items()) if v) or "none"
         cells = [name, str(m.get("samples", counts.get("samples", ""))), str(len(m.get("shards", [])))]
         cells += [str(counts.get(k, "")) for k in ("captions", "regions", "refs", "sentences")]

@@ -1,0 +1,42 @@
+"""The README's main command on a shortened budget: same code path (every converter, pretraining, fine-tuning
+from the pretraining export and from scratch, evaluation, report), fewer images and steps."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_short_demo_writes_report_with_numbers(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "finetune.demo", "--out", str(out), "--images", "40",
+           "--pretrain-steps", "3", "--finetune-steps", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert f"[demo] {stage}" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"pretrained", "scratch"}
+    for init in results.values():
+        assert set(init) == {"val", "testA", "testB"}
+        for split, r in init.items():
+            assert r["n"] > 0
+            values = [r["rec"]["prec@0.5"], r["res"]["miou"], r["res"]["oiou"], r["res"]["prec@0.9"]]
+            assert all(isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
+
+    report = (out / "report.md").read_text()
+    assert "| pretrained | val |" in report and "| scratch | testB |" in report
+    assert "## Shard sets" in report and "| refcoco/train |" in report and "excluded_refer" in report
+    for png in ("curves_0.png", "curves_1.png", "predictions.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+        assert f"]({png})" in report
+    # the pretraining export the fine-tuning run started from, and both fine-tuning exports
+    assert (out / "pretrain" / "export" / "model.safetensors").is_file()
+    for init in ("pretrained", "scratch"):
+        assert (out / "finetune" / init / "export" / "model.safetensors").is_file()
