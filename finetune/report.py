@@ -60,9 +60,18 @@ def manifest_table(manifests: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def smooth(values: Sequence[float], alpha: float = 0.3) -> list[float]:
+    """Exponential moving average (logged losses are single-batch values, hence noisy)."""
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
 def plot_curves(runs: dict[str, Sequence[dict]], out_png: Path, title: str,
                 keys: Iterable[str] = ("loss",)) -> bool:
-    """One panel per key, one line per run; returns False when there is nothing to plot."""
+    """One panel per key, one line per run (raw, faint, and smoothed); False when there is nothing to plot."""
     keys = list(keys)
     if not any(runs.values()):
         return False
@@ -72,7 +81,8 @@ def plot_curves(runs: dict[str, Sequence[dict]], out_png: Path, title: str,
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=name, linewidth=1.4)
+                line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.35)
+                ax.plot(xs, smooth(ys), label=name, linewidth=1.6, color=line.get_color())
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

@@ -134,7 +134,7 @@ class RunConfig:
     resume: Optional[str] = "latest"        # latest | <checkpoint dir> | null
     export: bool = True                     # write consolidated safetensors at the end
     max_nan_steps: int = 5                  # stop after this many non-finite losses in a row
-    requeue_exit_code: int = 124            # exit code after a preemption checkpoint (sbatch requeues on it)
+    requeue_exit_code: int = 85             # exit code after a preemption checkpoint (sbatch requeues on it; not 124, which GNU timeout uses)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:

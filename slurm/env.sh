@@ -25,7 +25,7 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 
 PYTHON=${PYTHON:-python}
 # Exit code with which `python -m pretrain|finetune` says "checkpoint saved after a preemption signal".
-REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-124}
+REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-85}
 
 # DRY_RUN=1: print the commands instead of running them.
 run_cmd() {

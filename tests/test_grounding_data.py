@@ -1,6 +1,7 @@
 """Map-style grounding data: exact evaluation under 1-3 ranks, geometry back to stored pixels, VG-LAW flips."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,20 @@ def test_corrupt_image_and_missing_dir(tmp_path, tok):
     assert ds.skips["bad_image"] >= 1 and all(torch.isfinite(x["image"]).all() for x in items)
     with pytest.raises(DataError, match="not found"):
         GroundingDataset(tmp_path / "nope", tok, train=False)
+
+
+def test_raw_image_is_the_stored_image_of_the_item(split_dir, tok):
+    ds = GroundingDataset(str(split_dir), tok, train=False, image_size=64)
+    for i in (0, len(ds) - 1):
+        img, t = ds.raw_image(i), ds.target(i)
+        assert img.dtype == np.uint8 and img.shape == (t["size"][0], t["size"][1], 3)
+        # the eval view is this image letterboxed: the centre pixel of the target box has the same colour
+        x, y, w, h = t["bbox"]
+        item = ds[i]
+        s, (ox, oy) = float(item["scale"]), item["offset"].tolist()
+        cx, cy = x + w / 2, y + h / 2
+        px, py = int(cx * s + ox), int(cy * s + oy)
+        mean = torch.tensor(ds.mean).view(3, 1, 1)
+        std = torch.tensor(ds.std).view(3, 1, 1)
+        view = ((item["image"] * std + mean) * 255).round()
+        assert np.abs(view[:, py, px].numpy() - img[int(cy), int(cx)].astype(float)).max() < 40

@@ -60,16 +60,16 @@ def test_dry_run_launches_the_right_command(tmp_path, script, module):
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("srun ")]
     assert lines == [f"srun --kill-on-bad-exit=1 --cpu-bind=none python -m {module} --config "
-                     f"configs/{module}/smoke.yaml run.resume=latest run.requeue_exit_code=124 optim.lr=2e-4"]
+                     f"configs/{module}/smoke.yaml run.resume=latest run.requeue_exit_code=85 optim.lr=2e-4"]
     assert "master gpu-a07:" + str(15000 + 4242 % 20000) in r.stdout
     assert "scontrol show hostnames gpu-a[07-08]" in (tmp_path / "calls.log").read_text()
 
 
 def test_requeue_on_requeue_exit_code(tmp_path):
-    bin_dir = stubs(tmp_path, srun_rc=124)
+    bin_dir = stubs(tmp_path, srun_rc=85)
     r = subprocess.run(["bash", str(SLURM / "pretrain.sbatch"), "configs/pretrain/smoke.yaml"],
                        env=slurm_env(tmp_path, bin_dir), capture_output=True, text=True)
-    assert r.returncode == 124
+    assert r.returncode == 85
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert calls[-2].startswith("srun --kill-on-bad-exit=1") and "MASTER=gpu-a07:19242" in calls[-2]
     assert calls[-1] == "scontrol requeue 4242"
