@@ -57,7 +57,7 @@ def sources_override(shards: Path) -> str:
 
 def load_examples(shard_dir: Path, tokenizer_dir: Path, dump: Path, n_good: int, n_bad: int) -> list[dict]:
     """Pick successes and failures from an evaluation dump and attach the image and decoded masks."""
-    from finetune.evaluate import rle_decode
+    from shards.masks import decode_mask
     from shards.index import GroundingDataset
     from shards.text import build_tokenizer
 
@@ -71,8 +71,8 @@ def load_examples(shard_dir: Path, tokenizer_dir: Path, dump: Path, n_good: int,
     for r in good + bad:
         t = ds.target(int(r["index"]))
         out.append({"image": ds.raw_image(int(r["index"])), "text": t["text"], "gt_box": t["bbox"],
-                    "pred_box": r["bbox"], "gt_mask": rle_decode(t["mask"]) if t.get("mask") else None,
-                    "pred_mask": rle_decode(r["mask"]) if r.get("mask") else None,
+                    "pred_box": r["bbox"], "gt_mask": decode_mask(t["mask"]) if t.get("mask") else None,
+                    "pred_mask": decode_mask(r["mask"]) if r.get("mask") else None,
                     "iou": r.get("box_iou", 0.0), "mask_iou": r.get("mask_iou", 0.0)})
     return out
 

@@ -20,31 +20,17 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-from pycocotools import mask as mask_utils
 from torch import nn
 
 from finetune.metrics import (expression_record, format_table, summarize, unletterbox_box,
                               unletterbox_mask)
 from finetune.model import VGLaw
+from shards.masks import decode_mask, encode_mask
 
 DEFAULT_THRESHOLD = 0.35
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def rle_encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed string or uncompressed list counts) -> bool [h, w]."""
-    if isinstance(rle.get("counts"), list):
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
-
-
 def _model_of(task_or_model: nn.Module) -> VGLaw:
     model = getattr(task_or_model, "module", task_or_model)     # DeepSpeed / DDP wrappers
     model = getattr(model, "model", model)                      # GroundingTask -> VGLaw
@@ -109,12 +95,12 @@ def score_split(model: VGLaw, dataset: Any, *, batch_size: int, device: torch.de
                 scale, offset = float(batch["scale"][j]), [float(v) for v in batch["offset"][j]]
                 gt = dataset.target(idx)
                 box = unletterbox_box(out["boxes"][j].cpu(), size, scale, offset, gt["size"])
-                gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
+                gt_mask = decode_mask(gt["mask"]) if gt.get("mask") else None
                 pred_mask = unletterbox_mask(out["mask_probs"][j], scale, offset, gt["size"], threshold)
                 rec = {"index": idx, "ref_id": _int(gt.get("ref_id")), "sentence": int(gt["sentence"]),
                        **expression_record(box, gt["bbox"], pred_mask if gt_mask is not None else None, gt_mask)}
                 if keep_predictions:
-                    rec.update(text=gt.get("text", ""), bbox=box, mask=rle_encode(pred_mask))
+                    rec.update(text=gt.get("text", ""), bbox=box, mask=encode_mask(pred_mask))
                 records.append(rec)
     finally:
         model.train(was_training)
@@ -197,7 +183,7 @@ def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump:
         gt = dataset.target(i)
         key = (_int(gt.get("ref_id")), int(gt["sentence"]))
         seen.add(key)
-        gt_mask = rle_decode(gt["mask"]) if gt.get("mask") else None
+        gt_mask = decode_mask(gt["mask"]) if gt.get("mask") else None
         pred = preds.get(key)
         if pred is None:
             missing += 1
@@ -209,7 +195,7 @@ def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump:
             pmask = None
             if gt_mask is not None:
                 try:
-                    pmask = rle_decode(pred["mask"]) if pred.get("mask") else np.zeros_like(gt_mask)
+                    pmask = decode_mask(pred["mask"]) if pred.get("mask") else np.zeros_like(gt_mask)
                 except Exception:  # noqa: BLE001 - an undecodable RLE is one bad prediction, not a crash
                     skipped["malformed"] += 1
                     pmask = np.zeros_like(gt_mask)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from finetune.evaluate import rle_encode
+from shards.masks import encode_mask
 from finetune.metrics import unletterbox_box, unletterbox_mask
 from finetune.model import VGLaw
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         pred = predict_image(model, image, text, tokenizer, **kw)
         png = out_dir / f"{i:05d}_{Path(img_path).stem}.png"
         draw_prediction(to_pil(image), pred["bbox"], pred["mask"], text).save(png, format="PNG")
-        lines.append({"image": img_path, "text": text, "bbox": pred["bbox"], "mask": rle_encode(pred["mask"]),
+        lines.append({"image": img_path, "text": text, "bbox": pred["bbox"], "mask": encode_mask(pred["mask"]),
                       "out": str(png)})
     with (out_dir / "predictions.jsonl").open("w") as f:
         for line in lines:

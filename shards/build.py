@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from shards.images import BadImage, encode_jpeg, load_rgb
 from shards.manifest import STATS_DIR, assemble, sample_counts, sha256_file, write_json_atomic
+from shards.masks import decode_mask
 from shards.schema import JPEG_QUALITY, MANIFEST, SCHEMA_VERSION, SHARD_PATTERN, clean_text, validate_record
 
 TAR_MTIME = 946684800  # 2000-01-01: fixed so shard bytes are reproducible
@@ -360,12 +361,7 @@ def segmentation_to_rle(seg: Any, sx: float, sy: float, w: int, h: int) -> dict:
         m = np.zeros((h, w), dtype=np.uint8)
         for part in seg:
             rh, rw = (int(v) for v in part["size"])
-            counts = part["counts"]
-            if isinstance(counts, list):
-                r = mask_utils.frPyObjects(part, rh, rw)
-            else:
-                r = {"size": [rh, rw], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-            dec = mask_utils.decode(r)
+            dec = decode_mask({"size": [rh, rw], "counts": part["counts"]}).astype(np.uint8)
             if (rh, rw) != (h, w):
                 rows = np.minimum(((np.arange(h) + 0.5) * rh / h).astype(np.int64), rh - 1)
                 cols = np.minimum(((np.arange(w) + 0.5) * rw / w).astype(np.int64), rw - 1)

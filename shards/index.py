@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
 from shards.decode import DecodeError, decode_image
+from shards.masks import decode_mask
 from shards.sources import DataError, resolve_shards
 from shards.text import clean_caption, has_direction_words
 
@@ -170,12 +171,8 @@ class GroundingDataset(Dataset):
     def _mask(self, ref: dict, h: int, w: int) -> torch.Tensor:
         rle = ref.get("mask")
         if rle:
-            from pycocotools import mask as mask_utils
-            r = dict(rle)
-            if isinstance(r.get("counts"), str):
-                r["counts"] = r["counts"].encode("ascii")
-            if list(r.get("size", [])) == [h, w]:
-                return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(r)))
+            if list(rle.get("size", [])) == [h, w]:
+                return torch.from_numpy(decode_mask(rle).astype(np.uint8))
             self.skips["mask_size_mismatch"] += 1
         else:
             self.skips["mask_from_box"] += 1

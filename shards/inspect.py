@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 
 from shards.inputs import InputError
 from shards.manifest import COUNT_KEYS, read_manifest, sample_counts, sha256_file
+from shards.masks import decode_mask
 from shards.schema import MANIFEST, make_key, validate_record
 
 
@@ -114,7 +115,7 @@ def _check_sample(key: str, group: dict[str, bytes], seen: set, records: list) -
     for i, ref in enumerate(rec.get("refs", [])):
         if "mask" in ref:
             try:
-                mk = mask_utils.decode({"size": ref["mask"]["size"], "counts": ref["mask"]["counts"].encode()})
+                mk = decode_mask(ref["mask"])
                 if mk.shape != (rec["height"], rec["width"]):
                     problems.append(f"refs[{i}]: mask shape {mk.shape}")
             except Exception as e:  # pycocotools raises bare Exceptions on bad counts
