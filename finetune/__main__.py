@@ -34,7 +34,7 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
 
 def prepare(cfg: FinetuneConfig):
     """Everything that can fail on a user mistake, before any process group or model exists."""
-    from pretrain.__main__ import resolve_tokenizer_dir
+    from pretrain.tokenizer import resolve_tokenizer_dir
     from shards.text import build_tokenizer
 
     cfg = adopt_pretrained_architecture(cfg)

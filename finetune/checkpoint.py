@@ -97,6 +97,6 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if missing or unexpected:
         raise ConfigError(f"{path}: does not fit the model in {found}: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
-    from pretrain.__main__ import resolve_tokenizer_dir
+    from pretrain.tokenizer import resolve_tokenizer_dir
     tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
     return model.to(device).eval(), cfg, tokenizer

