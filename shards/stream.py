@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize, plan_region_crop,
+from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize_batch, plan_region_crop,
                             region_view)
 from shards.decode import DECODERS, DecodeError
 from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
@@ -223,7 +223,7 @@ class PretrainStream(IterableDataset):
                 ok.append(False)
         imgs, captions = _fill_failed(imgs, captions, ok)
         text = encode_and_mask(self.tok, self.masker, captions, s.text_len, rng)
-        batch = {"image": normalize(torch.stack(imgs), s.mean, s.std),
+        batch = {"image": normalize_batch(imgs, s.mean, s.std, shared=get_worker_info() is not None),
                  "text_ids": text["ids"], "text_mask": text["mask"],
                  "mlm_ids": text["mlm_ids"], "mlm_labels": text["mlm_labels"]}
         if s.region_texts > 0:
@@ -259,7 +259,7 @@ class PretrainStream(IterableDataset):
         M = s.region_images
         crops = [crops[j % len(crops)] for j in range(M)]  # repeat images to reach M
         text = encode_and_mask(self.tok, self.masker, texts, s.text_len, rng)
-        return {"region_image": normalize(torch.stack(crops), s.mean, s.std),
+        return {"region_image": normalize_batch(crops, s.mean, s.std, shared=get_worker_info() is not None),
                 "region_image_idx": owner_t, "region_bbox": boxes_t.float(),
                 "region_text_ids": text["ids"], "region_text_mask": text["mask"],
                 "region_mlm_ids": text["mlm_ids"], "region_mlm_labels": text["mlm_labels"],

@@ -153,3 +153,93 @@ def test_grounding_crop_keeps_target():
         out = grounding_view(img, box, mask, "green box", train=True, size=448, rng=rng, flip_prob=0.0, crop_prob=1.0)
         _check_consistent(out, 448, COLOURS[1])
         assert out["mask"].sum() >= 0.99 * (out["bbox"][2] * out["bbox"][3] * 448 * 448).item() * 0.95
+
+
+def _reference_views(data, width, height, seed, plan=None, decoder="pil", reduce=True, size=64):
+    """The views as first written: `F.resized_crop` on the decoded tensor, `F.horizontal_flip`, then
+    `rand_augment`, all through tv_tensors (boxes included); the fast path must give the same pixels."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from shards.augment import _decode_for_crop, rand_augment, resized_crop_params
+
+    rng, bic = np.random.default_rng(seed), InterpolationMode.BICUBIC
+    if plan is None:
+        x, y, w, h = resized_crop_params(width, height, rng)
+        flip = bool(rng.random() < 0.5)
+        img, sx, sy = _decode_for_crop(data, width, height, (x, y, w, h), size, decoder, reduce)
+        img = F.resized_crop(img, top=int(round(y * sy)), left=int(round(x * sx)), height=max(1, int(round(h * sy))),
+                             width=max(1, int(round(w * sx))), size=[size, size], interpolation=bic, antialias=True)
+        img = F.horizontal_flip(img) if flip else img
+        return rand_augment(img, rng, geometric=True), flip
+    x0, y0, x1, y1 = plan.crop
+    img, sx, sy = _decode_for_crop(data, width, height, (x0, y0, x1 - x0, y1 - y0), size, decoder, reduce)
+    img = tv_tensors.Image(img)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor(plan.boxes, dtype=torch.float32).reshape(-1, 4), format="XYWH",
+                                     canvas_size=(height, width))
+    boxes = F.resize(boxes, list(img.shape[-2:]))
+    top, left = int(round(y0 * sy)), int(round(x0 * sx))
+    ch, cw = max(1, int(round((y1 - y0) * sy))), max(1, int(round((x1 - x0) * sx)))
+    img, boxes = (F.resized_crop(t, top=top, left=left, height=ch, width=cw, size=[size, size], interpolation=bic,
+                                 antialias=True) for t in (img, boxes))
+    if plan.flip:
+        img, boxes = F.horizontal_flip(img), F.horizontal_flip(boxes)
+    boxes = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor) / size
+    return rand_augment(img.as_subclass(torch.Tensor), rng, geometric=False), boxes.clamp_(0.0, 1.0)
+
+
+@pytest.mark.parametrize("decoder,reduce", [("pil", True), ("pil", False), ("simplejpeg", True)])
+def test_fast_views_equal_the_reference_composition(decoder, reduce):
+    """Crop-then-resize in channels-last, flip inside the one Pillow round trip, DCT-scaled decode: the same
+    pixels, flips and boxes as the plain v2 composition, for the same random draws."""
+    pytest.importorskip("simplejpeg") if decoder == "simplejpeg" else None
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    data = _jpeg(Image.blend(_scene(), Image.fromarray(noise).resize((640, 480), Image.BICUBIC), 0.5))
+    regions = [(b, f"box {i}") for i, b in enumerate(BOXES)]
+    n_reduced = 0
+    for seed in range(30):
+        img, flip = image_text_view(data, 640, 480, np.random.default_rng(seed), size=96, decoder=decoder,
+                                    reduce=reduce)
+        ref, ref_flip = _reference_views(data, 640, 480, seed, decoder=decoder, reduce=reduce, size=96)
+        assert flip == ref_flip and img.shape == ref.shape == (3, 96, 96) and torch.equal(img, ref)
+        plan = plan_region_crop(640, 480, regions, np.random.default_rng(seed + 100))
+        img, boxes = region_view(data, 640, 480, plan, np.random.default_rng(seed), size=96, decoder=decoder,
+                                 reduce=reduce)
+        ref, ref_boxes = _reference_views(data, 640, 480, seed, plan=plan, decoder=decoder, reduce=reduce, size=96)
+        assert torch.equal(img, ref) and torch.allclose(boxes, ref_boxes, atol=1e-6)
+        x0, y0, x1, y1 = plan.crop
+        n_reduced += reduce and min(x1 - x0, y1 - y0) >= 2 * 96
+    assert n_reduced > 0 or not reduce                    # the DCT-downscaled path was exercised
+
+
+def test_dct_downscaled_region_view_matches_full_decode():
+    """A 1/2, 1/4 or 1/8-scale decode gives the same output size and the same boxes (to a fraction of a
+    pixel) as the full decode, and nearly the same pixels."""
+    data = _jpeg(_scene())
+    regions = [(b, f"box {i}") for i, b in enumerate(BOXES)]
+    size, n = 64, 0
+    for seed in range(30):
+        plan = plan_region_crop(640, 480, regions, np.random.default_rng(seed))
+        full, fb = region_view(data, 640, 480, plan, np.random.default_rng(0), size=size, reduce=False, augment=False)
+        red, rb = region_view(data, 640, 480, plan, np.random.default_rng(0), size=size, reduce=True, augment=False)
+        assert full.shape == red.shape == (3, size, size) and fb.shape == rb.shape
+        assert (fb - rb).abs().max() * size < 2.0                       # boxes within 2 output pixels
+        assert (full.float() - red.float()).abs().mean() < 6
+        x0, y0, x1, y1 = plan.crop
+        n += min(x1 - x0, y1 - y0) >= 2 * size
+    assert n > 5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_normalize_batch_equals_stack_then_normalize(shared):
+    from shards.augment import CLIP_MEAN, CLIP_STD, normalize, normalize_batch
+
+    g = torch.Generator().manual_seed(0)
+    hwc = [torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8, generator=g) for _ in range(3)]
+    imgs = [hwc[0].permute(2, 0, 1), hwc[1].permute(2, 0, 1).contiguous(), hwc[2].permute(2, 0, 1).flip(-1)]
+    out = normalize_batch(imgs, CLIP_MEAN, CLIP_STD, shared=shared)
+    ref = normalize(torch.stack(imgs), CLIP_MEAN, CLIP_STD)
+    assert out.shape == (3, 3, 20, 24) and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-6) and out.is_shared() == shared
