@@ -96,6 +96,7 @@ def make_step(args, name: str, device: torch.device):
     cfg.engine.zero_stage = spec["stage"] or 0
     cfg.engine.offload_optimizer = spec["offload"]
     params = sum(p.numel() for p in task.parameters())
+    args.flops_per_sample = task.flops_per_sample(text_len=cfg.model.text.max_len)
     bf16 = args.precision == "bf16"
     task.to(device)
     opt = build_optimizer(task, cfg.optim, device)
@@ -136,10 +137,13 @@ def timed(step, batch, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, loss
 
 
-def summarize(name: str, params: int, times: list[float], loss: float, batch: int) -> dict:
+def summarize(name: str, params: int, times: list[float], loss: float, args) -> dict:
     med = statistics.median(times)          # the median resists load spikes on a shared machine
-    return {"config": name, "params_M": round(params / 1e6, 2), "step_s": med, "samples_per_s": batch / med,
-            "final_loss": loss}
+    row = {"config": name, "params_M": round(params / 1e6, 2), "step_s": med, "samples_per_s": args.batch / med,
+           "final_loss": loss}
+    if args.peak_tflops:                    # analytic FLOPs (pretrain/flops.py), no recompute counted
+        row["mfu"] = round(args.flops_per_sample * args.batch / med / (args.peak_tflops * 1e12), 4)
+    return row
 
 
 def run_interleaved(args, names: list[str], device: torch.device) -> list[dict]:
@@ -153,7 +157,7 @@ def run_interleaved(args, names: list[str], device: torch.device) -> list[dict]:
             dt, losses[k] = timed(step, batch, device)
             if i >= args.warmup:
                 times[k].append(dt)
-    return [summarize(n, s[1], t, loss, args.batch) for n, s, t, loss in zip(names, setups, times, losses)]
+    return [summarize(n, s[1], t, loss, args) for n, s, t, loss in zip(names, setups, times, losses)]
 
 
 def run_alone(args, name: str, device: torch.device) -> dict:
@@ -169,7 +173,7 @@ def run_alone(args, name: str, device: torch.device) -> dict:
             dt, loss = timed(step, batch, device)
             if i >= args.warmup:
                 times.append(dt)
-        result = summarize(name, params, times, loss, args.batch)
+        result = summarize(name, params, times, loss, args)
     except torch.OutOfMemoryError:
         result = {"config": name, "params_M": round(params / 1e6, 2), "oom": True}
     result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
@@ -195,6 +199,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 cpu, 20 cuda)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for an MFU column; default 989 (H100 SXM bf16 dense) on cuda, none on cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on cpu (1 resists oversubscription)")
     args = p.parse_args()
     _, batch, rt, ri = MODELS[args.model]
@@ -203,6 +209,8 @@ def main() -> None:
     args.region_images = max(1, ri * args.batch // batch)
     args.steps = args.steps or (8 if args.device == "cpu" else 20)
     args.precision = args.precision or ("fp32" if args.device == "cpu" else "bf16")
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = 989.0
     configs = (args.configs or ("zero0,zero3+ckpt" if args.model == "large" else "bare,zero0,zero2")).split(",")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible")

@@ -53,13 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--region-texts", type=int, default=None, help="default 2 x batch")
     p.add_argument("--region-images", type=int, default=None, help="default 3/4 x batch")
     p.add_argument("--text-len", type=int, default=None, help="tokens per text (tiny 16, base 40)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default bf16 on cuda, else fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-weights"], default=None,
+                   help="bf16: autocast over fp32 weights; bf16-weights: the model and batch cast to bf16, no "
+                        "autocast (what DeepSpeed's bf16 mode runs; its fp32 master copy is not timed here). "
+                        "Default bf16 on cuda, else fp32")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps and print the top operators by device time")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--sdpa", choices=["auto", "math", "efficient", "cudnn"], default="auto",
-                   help="restrict F.scaled_dot_product_attention to one backend (flash takes no padding mask)")
+    p.add_argument("--sdpa", choices=["auto", "math", "efficient", "cudnn", "flash+efficient"], default="auto",
+                   help="restrict F.scaled_dot_product_attention to one backend; flash+efficient: flash where "
+                        "there is no mask, memory-efficient where there is (flash takes no padding mask)")
     p.add_argument("--fused-adam", choices=["auto", "on", "off"], default="auto", help="auto: fused on cuda")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 with --compile, else base 2, tiny 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default 5 with --compile, else base 2, tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (tiny 3, base 20)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU; default 989 (H100 SXM bf16 dense) on cuda, none on cpu")
@@ -100,13 +107,17 @@ def sdpa_context(name: str):
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
-    return sdpa_kernel([backend])
+    backends = {"math": [SDPBackend.MATH], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+                "cudnn": [SDPBackend.CUDNN_ATTENTION],
+                "flash+efficient": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[name]
+    return sdpa_kernel(backends)
 
 
 def time_steps(model: nn.Module, batch: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """Seconds per optimizer step (forward + backward + AdamW) after warm-up, synchronised on cuda."""
+    if args.precision == "bf16-weights":
+        model.to(torch.bfloat16)
+        batch = {k: v.to(torch.bfloat16) if torch.is_floating_point(v) else v for k, v in batch.items()}
     fused = args.fused_adam == "on" or (args.fused_adam == "auto" and device.type == "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01, fused=fused)
     run = torch.compile(model) if args.compile else model
@@ -137,6 +148,15 @@ def time_steps(model: nn.Module, batch: dict, args: argparse.Namespace, device: 
     out = {"step_s": dt, "warmup_s": warm_s, "loss": float(loss.detach())}
     if device.type == "cuda":
         out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60), flush=True)
     return out
 
 

@@ -64,6 +64,7 @@ class GroundingLossConfig:
     focal: float = 4.0
     dice: float = 4.0
     mask_grounding: float = 1.0
+    rac: float = 0.0                        # AttBalance's region attention constraint on the LAP map (0: off)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=None, help="override configs/finetune/demo.yaml")
     ap.add_argument("--pretrain-config", default="configs/pretrain/demo.yaml")
     ap.add_argument("--finetune-config", default="configs/finetune/demo.yaml")
+    ap.add_argument("--pretrain-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides for the pretraining stage only")
+    ap.add_argument("--finetune-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides for both fine-tuning runs only")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for both training stages")
     args = ap.parse_args(argv)
 
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("2/5 X-VLM pretraining")
     t = time.perf_counter()
     pre_args = ["--config", args.pretrain_config, f"run.out_dir={out / 'pretrain'}", f"model.text.tokenizer={tok}",
-                sources_override(shards), f"run.seed={args.seed}", "run.resume=null", *args.overrides]
+                sources_override(shards), f"run.seed={args.seed}", "run.resume=null", *args.overrides,
+                *args.pretrain_set]
     if args.pretrain_steps is not None:
         pre_args.append(f"optim.total_steps={args.pretrain_steps}")
     run_cli("pretrain", pre_args, out / "logs" / "pretrain.log")
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "finetune" / init
         ft_args = ["--config", args.finetune_config, f"run.out_dir={run_dir}", f"model.text.tokenizer={tok}",
                    f"data.shards={shards / 'refcoco'}", f"run.seed={args.seed}", "run.resume=null", "eval.dump=true",
-                   f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.overrides]
+                   f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.overrides,
+                   *args.finetune_set]
         if args.finetune_steps is not None:
             ft_args.append(f"optim.total_steps={args.finetune_steps}")
         run_cli("finetune", ft_args, out / "logs" / f"finetune_{init}.log")

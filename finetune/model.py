@@ -26,14 +26,15 @@ class VGLaw(nn.Module):
         return self.text(ids, mask)
 
     def forward(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """-> boxes [B,4] normalised cxcywh in the input frame, mask_logits [B,S,S], lap_attn [B,N], visual
-        tokens [B,N,C], text features [B,L,d_l]."""
+        """-> boxes [B,4] normalised cxcywh in the input frame, mask_logits [B,S,S], lap_attn [B,N] on the token
+        grid (H, W) ("grid"), visual tokens [B,N,C], text features [B,L,d_l]."""
         text = self.encode_text(text_ids, text_mask)
         visual, hw = self.vision(image, text, text_mask)
         cls = text[:, 0]
         boxes, attn = self.rec_head(visual, cls)
         mask_logits = self.res_head(visual, hw, cls, tuple(image.shape[-2:]))
-        return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "visual": visual, "text": text}
+        return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "grid": hw, "visual": visual,
+                "text": text}
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:

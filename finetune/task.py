@@ -1,6 +1,7 @@
 """GroundingTask: the training unit for the shared engine (VG-LAW + losses + Mask Grounding), and build_task.
 
-    L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg     (defaults 1, 1, 4, 4, 1)
+    L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg [+ rac * L_rac]
+    (defaults 1, 1, 4, 4, 1; rac, AttBalance's constraint on the LAP attention, off unless configured)
 
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
@@ -13,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from finetune.attbalance import rac_loss
 from finetune.backbone import LawViT
 from finetune.config import FinetuneConfig, GroundingLossConfig, GroundingModelConfig, MaskGroundingConfig
 from finetune.losses import box_losses, dice_loss, focal_loss
@@ -78,6 +80,9 @@ class GroundingTask(nn.Module):
         terms["focal"] = focal_loss(out["mask_logits"], batch["mask"], c.focal_alpha, c.focal_gamma)
         terms["dice"] = dice_loss(out["mask_logits"], batch["mask"])
         weights = {"l1": c.l1, "giou": c.giou, "focal": c.focal, "dice": c.dice}
+        if c.rac > 0:
+            terms["rac"] = rac_loss(out["lap_attn"], batch["bbox"], out["grid"])
+            weights["rac"] = c.rac
         if self.mask_grounding is not None and self.training and c.mask_grounding > 0:
             terms["mask_grounding"] = self.mask_grounding_loss(batch, image, out)
             weights["mask_grounding"] = c.mask_grounding
