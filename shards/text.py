@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -115,14 +116,53 @@ def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path, *, min_coun
 # ----------------------------------------------------------------------------------------------
 # Tokenize + MLM
 # ----------------------------------------------------------------------------------------------
-def tokenize(tokenizer, texts: Sequence[str], max_len: int):
-    """Batch-encode to fixed length `max_len` ([CLS] ... [SEP] [PAD]...). Returns (ids, mask, encoding).
+_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    Python lists from the fast tokenizer, then one tensor each: `return_tensors="pt"` is ~6x slower here."""
+
+def _fixed_length_backend(tokenizer, max_len: int):
+    """A private copy of a fast tokenizer's Rust backend set to truncate and pad to `max_len` exactly as
+    `tokenizer(texts, padding="max_length", truncation=True, max_length=max_len)` does; None for a slow
+    tokenizer. Cached per tokenizer and length (the caller's tokenizer is never reconfigured)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        per_len = _BACKENDS.setdefault(tokenizer, {})
+    except TypeError:                                     # not weak-referenceable: no cache
+        per_len = {}
+    if max_len not in per_len:
+        from tokenizers import Tokenizer
+
+        bt = Tokenizer.from_str(backend.to_str())
+        bt.no_padding()
+        bt.no_truncation()
+        bt.enable_truncation(max_len, stride=0, strategy="longest_first",
+                             direction=getattr(tokenizer, "truncation_side", "right"))
+        bt.enable_padding(direction=getattr(tokenizer, "padding_side", "right"), pad_id=tokenizer.pad_token_id,
+                          pad_type_id=getattr(tokenizer, "pad_token_type_id", 0), pad_token=tokenizer.pad_token,
+                          length=max_len)
+        per_len[max_len] = bt
+    return per_len[max_len]
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_len: int):
+    """Batch-encode to fixed length `max_len` ([CLS] ... [SEP] [PAD]...). Returns (ids, mask, word_ids):
+    int64 [B, L] tensors and, per text, the word index of each token (None for specials and padding).
+
+    A fast tokenizer runs its Rust backend directly (one `encode_batch`, then one array each): the same
+    ids, mask and word ids as `tokenizer(...)`, measured 2.6x faster on 128 short region texts, where the
+    `BatchEncoding` wrapping dominates (and `return_tensors="pt"` is ~6x slower still)."""
+    bt = _fixed_length_backend(tokenizer, max_len)
+    if bt is not None:
+        encs = bt.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encs], dtype=np.int64).reshape(len(encs), max_len)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64).reshape(len(encs), max_len)
+        return torch.from_numpy(ids), torch.from_numpy(mask), [e.word_ids for e in encs]
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
                     return_attention_mask=True)
     return (torch.from_numpy(np.array(enc["input_ids"], dtype=np.int64)),
-            torch.from_numpy(np.array(enc["attention_mask"], dtype=np.int64)), enc)
+            torch.from_numpy(np.array(enc["attention_mask"], dtype=np.int64)),
+            [enc.word_ids(b) for b in range(len(texts))])
 
 
 class MLMMasker:
@@ -189,9 +229,8 @@ class MLMMasker:
 def encode_and_mask(tokenizer, masker: Optional[MLMMasker], texts: Sequence[str], max_len: int,
                     rng: np.random.Generator) -> dict:
     """Tokenize `texts` and (if `masker`) mask them: the text fields of a pretraining batch."""
-    ids, mask, enc = tokenize(tokenizer, texts, max_len)
+    ids, mask, word_ids = tokenize(tokenizer, texts, max_len)
     out = {"ids": ids, "mask": mask}
     if masker is not None:
-        word_ids = [enc.word_ids(b) for b in range(len(texts))]
         out["mlm_ids"], out["mlm_labels"] = masker(ids, word_ids, rng)
     return out

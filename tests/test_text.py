@@ -78,3 +78,23 @@ def test_mlm_whole_words_and_max_masks(bert_tokenizer):
     assert pieces >= 2
     out = encode_and_mask(tok, masker, ["snowboarding"], 10, rng)
     assert int((out["mlm_labels"] != -100).sum()) == max(1, round(0.25 * pieces))
+
+
+@pytest.mark.parametrize("which", ["bert", "vocab"])
+def test_fast_tokenize_equals_the_tokenizer_call(which, tmp_path, request):
+    """The direct Rust-backend path gives exactly what `tokenizer(..., padding="max_length", truncation=True)`
+    gives (ids, mask, word ids), including truncation, empty texts and several lengths; the caller's
+    tokenizer is left as it was."""
+    from shards.text import tokenize
+
+    words = "a snowboarder jumping over the red car near two unbelievably large dogs on the left".split()
+    tok = request.getfixturevalue("bert_tokenizer") if which == "bert" else build_vocab_tokenizer(words, tmp_path)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 30)))) for _ in range(50)] + ["", "carpark x"]
+    for max_len in (8, 40, 40, 12):
+        ids, mask, word_ids = tokenize(tok, texts, max_len)
+        ref = tok(texts, padding="max_length", truncation=True, max_length=max_len)
+        assert ids.dtype == mask.dtype == torch.int64 and tuple(ids.shape) == (len(texts), max_len)
+        assert ids.tolist() == ref["input_ids"] and mask.tolist() == ref["attention_mask"]
+        assert word_ids == [ref.word_ids(b) for b in range(len(texts))]
+    assert len(tok("a red car")["input_ids"]) == len(tok.tokenize("a red car")) + 2   # no padding leaked
