@@ -27,17 +27,43 @@ class LanguageAdaptivePooling(nn.Module):
         return torch.einsum("bn,bnc->bc", attn, visual), attn
 
 
-class RecHead(nn.Module):
-    """LAP -> 3-layer MLP (C -> hidden -> hidden -> 4) -> sigmoid: box (cx, cy, w, h) in [0, 1]."""
+def attention_geometry(attn: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Moments of an attention map [B, H*W] over the token grid: mean x, mean y, std x, std y (normalised
+    image coordinates of the cell centres) -> [B, 4]."""
+    H, W = hw
+    a = attn.float().view(-1, H, W)
+    xs = (torch.arange(W, device=a.device, dtype=a.dtype) + 0.5) / W
+    ys = (torch.arange(H, device=a.device, dtype=a.dtype) + 0.5) / H
+    px, py = a.sum(1), a.sum(2)                                  # marginals [B,W], [B,H]
+    mx, my = (px * xs).sum(-1), (py * ys).sum(-1)
+    sx = ((px * (xs - mx[:, None]) ** 2).sum(-1) + 1e-6).sqrt()
+    sy = ((py * (ys - my[:, None]) ** 2).sum(-1) + 1e-6).sqrt()
+    return torch.stack([mx, my, sx, sy], -1)
 
-    def __init__(self, vis_dim: int, text_dim: int, k: int = 64, hidden: int = 256) -> None:
+
+class RecHead(nn.Module):
+    """LAP -> 3-layer MLP (C -> hidden -> hidden -> 4) -> sigmoid: box (cx, cy, w, h) in [0, 1].
+
+    `geometry=True` also feeds the MLP the LAP map's moments (attention_geometry: where the pooled tokens
+    lie and how spread they are). VG-LAW regresses the box from the pooled token values alone, which needs
+    tokens that still encode their absolute position after the backbone; a small backbone trained briefly
+    does not (measured on the demo: a linear probe recovers a token's x from its final feature with R^2 0.19),
+    so its box head only learns the mean box. Off by default (the paper's head)."""
+
+    def __init__(self, vis_dim: int, text_dim: int, k: int = 64, hidden: int = 256, geometry: bool = False) -> None:
         super().__init__()
         self.pool = LanguageAdaptivePooling(vis_dim, text_dim, k)
-        self.mlp = nn.Sequential(nn.Linear(vis_dim, hidden), nn.ReLU(inplace=True),
+        self.geometry = geometry
+        self.mlp = nn.Sequential(nn.Linear(vis_dim + (4 if geometry else 0), hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
 
-    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, visual: torch.Tensor, cls: torch.Tensor,
+                hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attn = self.pool(visual, cls)
+        if self.geometry:
+            if hw is None:
+                raise ValueError("RecHead(geometry=True) needs the token grid (H, W)")
+            pooled = torch.cat([pooled, attention_geometry(attn, hw).to(pooled.dtype)], -1)
         return self.mlp(pooled).sigmoid(), attn
 
 

@@ -13,12 +13,13 @@ class VGLaw(nn.Module):
     """`text` maps (ids [B,L], mask [B,L]) to features [B,L,d_l]; `vision` is a LawViT."""
 
     def __init__(self, text: nn.Module, vision: LawViT, text_dim: int, *, lap_dim: int = 64,
-                 head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35) -> None:
+                 head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
+                 lap_geometry: bool = False) -> None:
         super().__init__()
         self.text = text
         self.vision = vision
         vis_dim = vision.embed_dim
-        self.rec_head = RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden)
+        self.rec_head = RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden, geometry=lap_geometry)
         self.res_head = ResHead(vis_dim, text_dim, hidden=res_hidden)
         self.mask_threshold = mask_threshold
 
@@ -31,7 +32,7 @@ class VGLaw(nn.Module):
         text = self.encode_text(text_ids, text_mask)
         visual, hw = self.vision(image, text, text_mask)
         cls = text[:, 0]
-        boxes, attn = self.rec_head(visual, cls)
+        boxes, attn = self.rec_head(visual, cls, hw)
         mask_logits = self.res_head(visual, hw, cls, tuple(image.shape[-2:]))
         return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "grid": hw, "visual": visual,
                 "text": text}

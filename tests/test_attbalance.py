@@ -56,3 +56,35 @@ def test_task_adds_weighted_rac_term_only_when_configured():
     on = task(batch)
     assert torch.isfinite(on["rac"]) and on["rac"] > 0
     assert torch.allclose(on["loss"], off["loss"] + 2.0 * on["rac"], atol=1e-5)
+
+
+def test_attention_geometry_moments():
+    from finetune.heads import attention_geometry
+    one = torch.zeros(2, 4 * 8)
+    one[0, 1 * 8 + 6] = 1.0                                       # row 1, column 6 of a 4x8 grid
+    one[1] = 1.0 / 32                                             # uniform
+    g = attention_geometry(one, (4, 8))
+    assert torch.allclose(g[0], torch.tensor([6.5 / 8, 1.5 / 4, 0.0, 0.0]), atol=2e-3)
+    # a uniform map: centre 0.5, std of the cell centres ((k^2 - 1) / 12)^0.5 / k
+    assert torch.allclose(g[1], torch.tensor([0.5, 0.5, (63 / 12) ** 0.5 / 8, (15 / 12) ** 0.5 / 4]), atol=1e-4)
+
+
+def test_geometry_head_reads_where_the_lap_map_points():
+    from finetune.heads import RecHead
+    torch.manual_seed(0)
+    head = RecHead(8, 8, k=4, hidden=16, geometry=True)
+    visual = torch.zeros(1, 16, 8)                                 # identical tokens: only geometry differs
+    visual[0, 5, 0] = 50.0                                         # a key the query will pick out
+    cls = torch.zeros(1, 8)
+    with torch.no_grad():
+        head.pool.key.weight.zero_()
+        head.pool.key.weight[0, 0] = 1.0
+        head.pool.query.weight.zero_()
+        head.pool.query.bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    box_a, attn = head(visual, cls, (4, 4))
+    assert attn[0].argmax() == 5
+    visual2 = torch.zeros(1, 16, 8)
+    visual2[0, 10, 0] = 50.0
+    box_b, _ = head(visual2, cls, (4, 4))
+    assert not torch.allclose(box_a, box_b)                        # same pooled value, other place, other box
+    assert RecHead(8, 8, k=4, hidden=16).mlp[0].in_features == 8
