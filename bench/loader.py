@@ -195,13 +195,14 @@ def reencode(jpgs: list[bytes], max_side: int) -> list[bytes]:
 
 
 def loader_rate(shard_dir: Path, tokenizer, *, workers: int, batches: int, batch_size: int, region: bool,
-                decoder: str, image_size: int) -> dict:
+                decoder: str, image_size: int, uint8: bool = False) -> dict:
     from shards.stream import build_pretrain_loader
 
     cfg = dict(sources=[{"name": "coco", "shards": str(shard_dir), "weight": 1.0}], batch_size=batch_size,
                region_texts=128 if region else 0, region_images=48, texts_per_image=5, image_size=image_size,
                max_words=30, max_tokens=40, max_masks=8, mask_prob=0.25, num_workers=workers,
-               shuffle_buffer=256, batches_per_epoch=batches + max(1, workers), decoder=decoder)
+               shuffle_buffer=256, batches_per_epoch=batches + max(1, workers), decoder=decoder,
+               normalize_in_loader=not uint8)
     loader = build_pretrain_loader(cfg, tokenizer, rank=0, world_size=1, epoch=0, seed=0, record_keys=True)
     it = iter(loader)
     for _ in range(max(1, workers)):                   # warm-up: worker start and one batch each
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--decoder", default="simplejpeg", choices=["pil", "simplejpeg", "torchvision"])
+    p.add_argument("--uint8", action="store_true",
+                   help="workers send uint8 batches (data.normalize_in_loader=false; the step normalises on its GPU)")
     p.add_argument("--device", default="cpu", help="cuda adds the batched nvjpeg decode rate")
     p.add_argument("--decode-seconds", type=float, default=1.5, help="time per decode-rate figure")
     p.add_argument("--tokenizer", help="BERT tokenizer dir (default: all-MiniLM-L6-v2's bert-base-uncased vocab, "
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
     runs = {}
     for region in (False, True):
         r = loader_rate(shard_dir, tok, workers=a.workers, batches=a.batches, batch_size=a.batch_size, region=region,
-                        decoder=a.decoder, image_size=a.image_size)
+                        decoder=a.decoder, image_size=a.image_size, uint8=a.uint8)
         runs["with_regions" if region else "image_text_only"] = r
         print(f"loader ({'image-text + regions' if region else 'image-text only'}, {a.workers} workers): "
               f"{r['samples_per_s']:.1f} samples/s, {r['images_per_s']:.1f} images/s")
@@ -295,7 +298,7 @@ def main(argv=None) -> int:
     itx, full = runs["image_text_only"], runs["with_regions"]
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus" + (f", {torch.cuda.get_device_name()}" if gpu else ""),
-        "workers": a.workers, "decoder": a.decoder, "stored_max_side": a.max_side if not a.shards else None, "image_size": a.image_size, "batch_size": a.batch_size,
+        "workers": a.workers, "decoder": a.decoder, "uint8_batches": a.uint8, "stored_max_side": a.max_side if not a.shards else None, "image_size": a.image_size, "batch_size": a.batch_size,
         "samples_per_s": round(full["samples_per_s"], 1),
         "samples_per_s_per_worker": round(full["samples_per_s"] / workers, 1),
         "images_per_s_per_worker": round(full["images_per_s"] / workers, 1),

@@ -327,6 +327,7 @@ class PretrainDataConfig:
     decode_reduce: bool = True              # decode JPEGs at 1/2, 1/4, 1/8 scale when the crop still covers image_size
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
+    normalize_in_loader: bool = False       # false: workers send uint8 images (4x fewer bytes); the step normalises
 
 
 @dataclass

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shards.augment import normalize_images
+
 from .concepts import concept_tokens
 from .config import ConfigError, PretrainConfig
 from .encoders import build_text_encoder, build_vision_encoder, read_bert_state_dict, token_grid, vision_tokens
@@ -93,6 +95,9 @@ class PretrainTask(nn.Module):
         b = batch["image"].shape[0]
 
         images = torch.cat([batch["image"], batch["region_image"]]) if has_region else batch["image"]
+        if images.dtype == torch.uint8:         # data.normalize_in_loader=false: normalise here, on the device
+            d = self.cfg.data
+            images = normalize_images(images, d.mean, d.std, dtype=next(self.vision.parameters()).dtype)
         vis = vision_tokens(self.vision, images)
         grid = token_grid(vis.shape[1] - 1)
 

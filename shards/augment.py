@@ -66,6 +66,30 @@ def normalize_batch(imgs: Sequence[torch.Tensor], mean: Sequence[float], std: Se
     return out
 
 
+def stack_uint8(imgs: Sequence[torch.Tensor], *, shared: bool = False) -> torch.Tensor:
+    """Stack uint8 [3,H,W] images (any strides) into one contiguous uint8 [B,3,H,W] batch, left for the
+    training step to normalise on its device (`normalize_images`): a quarter of the float32 batch's bytes
+    to write in the worker and to hand to the main process. `shared=True` as in `normalize_batch`."""
+    c, h, w = imgs[0].shape
+    if shared:
+        storage = torch.UntypedStorage._new_shared(len(imgs) * c * h * w)
+        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (len(imgs), c, h, w))
+    else:
+        out = torch.empty((len(imgs), c, h, w), dtype=torch.uint8)
+    for o, img in zip(out, imgs):
+        o.copy_(img)
+    return out
+
+
+def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B,3,H,W] on any device -> `(x/255 - mean)/std` in `dtype` (computed in float32), the same
+    values `normalize_batch` gives in the loader."""
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.to(torch.float32).sub_(m).mul_(s).to(dtype)
+
+
 def _pil_op(img, op: str, level: float, sign: float):
     from PIL import Image, ImageEnhance, ImageOps
 

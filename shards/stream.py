@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
 from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize_batch, plan_region_crop,
-                            region_view)
+                            region_view, stack_uint8)
 from shards.decode import DECODERS, DecodeError
 from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
                             parse_sources, resolve_shards)
@@ -94,6 +94,7 @@ class StreamSettings:
     decode_reduce: bool = True                # DCT-downscaled decoding when the crop allows it
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    normalize_in_loader: bool = True          # False: uint8 images, the training step normalises (on its GPU)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamSettings":
@@ -223,12 +224,18 @@ class PretrainStream(IterableDataset):
                 ok.append(False)
         imgs, captions = _fill_failed(imgs, captions, ok)
         text = encode_and_mask(self.tok, self.masker, captions, s.text_len, rng)
-        batch = {"image": normalize_batch(imgs, s.mean, s.std, shared=get_worker_info() is not None),
+        batch = {"image": self._images(imgs),
                  "text_ids": text["ids"], "text_mask": text["mask"],
                  "mlm_ids": text["mlm_ids"], "mlm_labels": text["mlm_labels"]}
         if s.region_texts > 0:
             batch.update(self._region_batch(plan.regions, rng))
         return batch
+
+    def _images(self, imgs: list[torch.Tensor]) -> torch.Tensor:
+        s, shared = self.s, get_worker_info() is not None
+        if s.normalize_in_loader:
+            return normalize_batch(imgs, s.mean, s.std, shared=shared)
+        return stack_uint8(imgs, shared=shared)
 
     def _region_batch(self, items: list[RegionItem], rng: np.random.Generator) -> dict:
         s = self.s
@@ -259,7 +266,7 @@ class PretrainStream(IterableDataset):
         M = s.region_images
         crops = [crops[j % len(crops)] for j in range(M)]  # repeat images to reach M
         text = encode_and_mask(self.tok, self.masker, texts, s.text_len, rng)
-        return {"region_image": normalize_batch(crops, s.mean, s.std, shared=get_worker_info() is not None),
+        return {"region_image": self._images(crops),
                 "region_image_idx": owner_t, "region_bbox": boxes_t.float(),
                 "region_text_ids": text["ids"], "region_text_mask": text["mask"],
                 "region_mlm_ids": text["mlm_ids"], "region_mlm_labels": text["mlm_labels"],

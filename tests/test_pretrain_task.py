@@ -128,3 +128,17 @@ def _overfit():
     assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
     for k in ("itc", "itm", "mlm", "region_itc", "region_itm", "region_mlm", "bbox", "giou"):
         assert torch.isfinite(out[k]), k
+
+
+def test_uint8_images_are_normalised_inside_the_step():
+    from shards.augment import normalize_images
+    torch.manual_seed(0)
+    task = build_task(tiny_cfg("loss.weights={itc: 1.0, itm: 0.0, mlm: 1.0, bbox: 1.0, giou: 1.0}")).eval()
+    b = batch()
+    g = torch.Generator().manual_seed(0)
+    raw = {k: torch.randint(0, 256, b[k].shape, generator=g, dtype=torch.uint8) for k in ("image", "region_image")}
+    d = task.cfg.data
+    with torch.no_grad():
+        a = task({**b, **raw})
+        f = task({**b, **{k: normalize_images(v, d.mean, d.std) for k, v in raw.items()}})
+    assert all(torch.allclose(a[k], f[k], atol=1e-5) for k in ("loss", "itc", "mlm", "bbox"))

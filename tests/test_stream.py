@@ -157,7 +157,26 @@ def test_reads_a_pretrain_data_config_object(tmp_path, tok):
                              num_workers=0, shuffle_buffer=4, batches_per_epoch=2, mean=[0.5, 0.5, 0.5],
                              std=[0.5, 0.5, 0.5])
     s = StreamSettings.from_config(cfg)
-    assert s.text_len == 12 and s.mean == (0.5, 0.5, 0.5) and s.decode_reduce
+    assert s.text_len == 12 and s.mean == (0.5, 0.5, 0.5) and s.decode_reduce and not s.normalize_in_loader
     batches = list(build_pretrain_loader(cfg, tok, rank=0, world_size=1, epoch=0, seed=0))
     assert len(batches) == 2 and batches[0]["text_ids"].shape == (2, 12)
+    assert batches[0]["image"].dtype == torch.uint8          # the pretraining default: the step normalises
+    cfg.normalize_in_loader = True
+    batches = list(build_pretrain_loader(cfg, tok, rank=0, world_size=1, epoch=0, seed=0))
+    assert batches[0]["image"].dtype == torch.float32
     assert batches[0]["image"].min() >= -1.0 - 1e-6 and batches[0]["image"].max() <= 1.0 + 1e-6
+
+
+def test_uint8_batches_normalise_to_the_loader_normalised_ones(tmp_path, tok):
+    from shards.augment import normalize_images
+    write_shards(tmp_path / "coco", "coco", 2, 8)
+    kw = dict(batches_per_epoch=2, max_tokens=16)
+    src = [{"name": "coco", "shards": str(tmp_path / "coco")}]
+    _, floats = _run(data_cfg(src, **kw), tok, rank=0, world_size=1, epoch=0, seed=3)
+    _, raw = _run(data_cfg(src, normalize_in_loader=False, **kw), tok, rank=0, world_size=1, epoch=0, seed=3)
+    for f, r in zip(floats, raw):
+        for k in ("image", "region_image"):
+            assert r[k].dtype == torch.uint8 and r[k].shape == f[k].shape
+            s = StreamSettings.from_config(data_cfg(src, **kw))
+            assert torch.allclose(normalize_images(r[k], s.mean, s.std), f[k], atol=1e-5)
+        assert all(torch.equal(f[k], r[k]) for k in f if k not in ("image", "region_image"))
