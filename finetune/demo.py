@@ -77,7 +77,7 @@ def load_examples(shard_dir: Path, tokenizer_dir: Path, dump: Path, n_good: int,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     ap.add_argument("--images", type=int, default=None, help="synthetic COCO images (default: the generator's)")
@@ -92,7 +92,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="dotted overrides for both fine-tuning runs only")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for both training stages")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """`python -m pretrain` arguments of the demo's pretraining stage (stage overrides after the common ones)."""
+    argv = ["--config", args.pretrain_config, f"run.out_dir={out / 'pretrain'}",
+            f"model.text.tokenizer={out / 'tokenizer'}", sources_override(out / "shards"), f"run.seed={args.seed}",
+            "run.resume=null", *args.overrides, *args.pretrain_set]
+    if args.pretrain_steps is not None:
+        argv.append(f"optim.total_steps={args.pretrain_steps}")
+    return argv
+
+
+def finetune_argv(args: argparse.Namespace, out: Path, init: str) -> list[str]:
+    """`python -m finetune` arguments of one fine-tuning run, `init` "pretrained" or "scratch"."""
+    argv = ["--config", args.finetune_config, f"run.out_dir={out / 'finetune' / init}",
+            f"model.text.tokenizer={out / 'tokenizer'}", f"data.shards={out / 'shards' / 'refcoco'}",
+            f"run.seed={args.seed}", "run.resume=null", "eval.dump=true",
+            f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.overrides, *args.finetune_set]
+    if args.finetune_steps is not None:
+        argv.append(f"optim.total_steps={args.finetune_steps}")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from finetune.report import read_metrics, write_report
     from shards.demo import build_demo_shards, build_demo_tokenizer
@@ -110,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("2/5 X-VLM pretraining")
     t = time.perf_counter()
-    pre_args = ["--config", args.pretrain_config, f"run.out_dir={out / 'pretrain'}", f"model.text.tokenizer={tok}",
-                sources_override(shards), f"run.seed={args.seed}", "run.resume=null", *args.overrides,
-                *args.pretrain_set]
-    if args.pretrain_steps is not None:
-        pre_args.append(f"optim.total_steps={args.pretrain_steps}")
-    run_cli("pretrain", pre_args, out / "logs" / "pretrain.log")
+    run_cli("pretrain", pretrain_argv(args, out), out / "logs" / "pretrain.log")
     timings["pretrain"] = time.perf_counter() - t
 
     results: dict[str, dict] = {}
@@ -123,13 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(f"{3 if init == 'pretrained' else 4}/5 VG-LAW fine-tuning + evaluation, init: {init}")
         t = time.perf_counter()
         run_dir = out / "finetune" / init
-        ft_args = ["--config", args.finetune_config, f"run.out_dir={run_dir}", f"model.text.tokenizer={tok}",
-                   f"data.shards={shards / 'refcoco'}", f"run.seed={args.seed}", "run.resume=null", "eval.dump=true",
-                   f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.overrides,
-                   *args.finetune_set]
-        if args.finetune_steps is not None:
-            ft_args.append(f"optim.total_steps={args.finetune_steps}")
-        run_cli("finetune", ft_args, out / "logs" / f"finetune_{init}.log")
+        run_cli("finetune", finetune_argv(args, out, init), out / "logs" / f"finetune_{init}.log")
         results[init] = json.loads((run_dir / "eval.json").read_text())
         timings[f"finetune ({init})"] = time.perf_counter() - t
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

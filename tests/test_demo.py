@@ -40,3 +40,17 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
     assert (out / "pretrain" / "export" / "model.safetensors").is_file()
     for init in ("pretrained", "scratch"):
         assert (out / "finetune" / init / "export" / "model.safetensors").is_file()
+
+
+def test_stage_overrides_reach_only_their_stage(tmp_path):
+    from finetune.demo import build_parser, finetune_argv, pretrain_argv
+    args = build_parser().parse_args(["both.x=1", "--finetune-steps", "7", "--pretrain-set", "optim.lr=1e-3",
+                                      "--finetune-set", "optim.lr=1e-4", "loss.rac=1"])
+    pre = pretrain_argv(args, tmp_path)
+    ft = finetune_argv(args, tmp_path, "scratch")
+    assert "both.x=1" in pre and "both.x=1" in ft
+    assert "optim.lr=1e-3" in pre and "optim.lr=1e-4" not in pre and "loss.rac=1" not in pre
+    assert "optim.lr=1e-4" in ft and "loss.rac=1" in ft and "optim.lr=1e-3" not in ft
+    assert ft.index("optim.lr=1e-4") > ft.index("both.x=1")            # stage overrides win (applied later)
+    assert ft[-1] == "optim.total_steps=7" and "init_from=null" in ft
+    assert f"init_from={tmp_path / 'pretrain'}" in finetune_argv(args, tmp_path, "pretrained")
