@@ -7,7 +7,8 @@ RAC supervises A directly with the ground-truth box (../shared/METHODS.md §5):
     L_rac = -log sum(A * M) - log(1 - sum(A * (1 - M)))
 
 with M the box on the token grid. Here M is the *fraction of each patch cell the box covers* (a soft mask),
-so a box smaller than one patch still marks the cells it touches. VG-LAW has a single LAP map, so the
+so a box smaller than one patch still marks the cells it touches (pretrain.concepts.box_patch_mask is
+the binary X-VLM convention, a whole patch in or out, which would count a barely touched cell fully). VG-LAW has a single LAP map, so the
 per-layer Spearman re-weighting (rho') is 1 and is omitted.
 """
 from __future__ import annotations

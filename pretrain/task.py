@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shards.augment import normalize_images
+from shards.augment import normalize
 
 from .concepts import concept_tokens
 from .config import ConfigError, PretrainConfig
@@ -97,7 +97,7 @@ class PretrainTask(nn.Module):
         images = torch.cat([batch["image"], batch["region_image"]]) if has_region else batch["image"]
         if images.dtype == torch.uint8:         # data.normalize_in_loader=false: normalise here, on the device
             d = self.cfg.data
-            images = normalize_images(images, d.mean, d.std, dtype=next(self.vision.parameters()).dtype)
+            images = normalize(images, d.mean, d.std).to(next(self.vision.parameters()).dtype)
         vis = vision_tokens(self.vision, images)
         grid = token_grid(vis.shape[1] - 1)
 

@@ -38,29 +38,41 @@ GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 _BICUBIC = InterpolationMode.BICUBIC
 
 
+def _shift_scale(mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 * mean, 1 / (255 * std)) as float32 [3,1,1]: `(x - shift) * scale` normalises uint8 pixels."""
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32, device=device).view(3, 1, 1)
+    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32, device=device).view(3, 1, 1)
+    return m, s
+
+
 def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [...,3,H,W] -> float32 normalised, (x/255 - mean)/std in two in-place passes."""
+    """uint8 [...,3,H,W] on any device -> float32 normalised, (x/255 - mean)/std in two in-place passes.
+    The training step applies it to the uint8 batches `stack_uint8` hands over (data.normalize_in_loader
+    false): the same values `normalize_batch` gives in the loader."""
     x = img.to(torch.float32)
-    m = torch.tensor([255.0 * v for v in mean], dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=x.dtype).view(3, 1, 1)
+    m, s = _shift_scale(mean, std, x.device)
     return x.sub_(m).mul_(s)
+
+
+def _batch_buffer(imgs: Sequence[torch.Tensor], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised [B,3,H,W] tensor for B images of one shape; `shared=True` allocates it in shared
+    memory, as torch's `default_collate` does in DataLoader workers, so sending it to the main process does
+    not copy it again."""
+    shape = (len(imgs), *imgs[0].shape)
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def normalize_batch(imgs: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float], *,
                     shared: bool = False) -> torch.Tensor:
     """Stack uint8 [3,H,W] images (any strides, e.g. channels-last views) into one float32 [B,3,H,W]
     normalised batch, `(x/255 - mean)/std`, image by image into a preallocated output (no uint8 stack, no
-    float temporary; each image's pass stays in cache). `shared=True` allocates the output in shared
-    memory, as torch's `default_collate` does in DataLoader workers, so sending it to the main process
-    does not copy it again."""
-    c, h, w = imgs[0].shape
-    if shared:
-        storage = torch.UntypedStorage._new_shared(len(imgs) * c * h * w * 4)
-        out = torch.empty(0, dtype=torch.float32).set_(storage, 0, (len(imgs), c, h, w))
-    else:
-        out = torch.empty((len(imgs), c, h, w), dtype=torch.float32)
-    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32).view(3, 1, 1)
+    float temporary; each image's pass stays in cache); `shared` as in `_batch_buffer`."""
+    out = _batch_buffer(imgs, torch.float32, shared)
+    m, s = _shift_scale(mean, std)
     for o, img in zip(out, imgs):
         o.copy_(img).sub_(m).mul_(s)
     return out
@@ -68,26 +80,12 @@ def normalize_batch(imgs: Sequence[torch.Tensor], mean: Sequence[float], std: Se
 
 def stack_uint8(imgs: Sequence[torch.Tensor], *, shared: bool = False) -> torch.Tensor:
     """Stack uint8 [3,H,W] images (any strides) into one contiguous uint8 [B,3,H,W] batch, left for the
-    training step to normalise on its device (`normalize_images`): a quarter of the float32 batch's bytes
-    to write in the worker and to hand to the main process. `shared=True` as in `normalize_batch`."""
-    c, h, w = imgs[0].shape
-    if shared:
-        storage = torch.UntypedStorage._new_shared(len(imgs) * c * h * w)
-        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (len(imgs), c, h, w))
-    else:
-        out = torch.empty((len(imgs), c, h, w), dtype=torch.uint8)
+    training step to `normalize` on its device: a quarter of the float32 batch's bytes to write in the
+    worker and to hand to the main process; `shared` as in `_batch_buffer`."""
+    out = _batch_buffer(imgs, torch.uint8, shared)
     for o, img in zip(out, imgs):
         o.copy_(img)
     return out
-
-
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] on any device -> `(x/255 - mean)/std` in `dtype` (computed in float32), the same
-    values `normalize_batch` gives in the loader."""
-    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
-    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return x.to(torch.float32).sub_(m).mul_(s).to(dtype)
 
 
 def _pil_op(img, op: str, level: float, sign: float):

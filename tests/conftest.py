@@ -22,3 +22,11 @@ def real_fixtures():
     if not REAL_FIXTURES.is_dir():
         pytest.skip(f"{REAL_FIXTURES} not present")
     return REAL_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A WordPiece tokenizer over the test shards' vocabulary (loader_shards.WORDS), built offline once."""
+    from loader_shards import WORDS
+    from shards.text import build_vocab_tokenizer
+    return build_vocab_tokenizer(WORDS, tmp_path_factory.mktemp("tok"))

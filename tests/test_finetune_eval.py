@@ -12,14 +12,8 @@ from finetune.evaluate import (evaluate_model, evaluate_predictions, main, merge
 from finetune.metrics import summarize
 from finetune.task import build_model, build_task
 from finetune_helpers import tiny_config
-from loader_shards import WORDS, grounding_record, write_shards
+from loader_shards import grounding_record, write_shards
 from shards.index import GroundingDataset, build_grounding_loader
-from shards.text import build_vocab_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_vocab_tokenizer(WORDS, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from loader_shards import WORDS, grounding_record, write_shards
+from loader_shards import grounding_record, write_shards
 from shards.index import ExactDistributedSampler, GroundingDataset, TarIndex, build_grounding_loader
 from shards.stream import DataError
-from shards.text import build_vocab_tokenizer, clean_caption, swap_left_right
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_vocab_tokenizer(WORDS, tmp_path_factory.mktemp("tok"))
+from shards.text import clean_caption, swap_left_right
 
 
 @pytest.fixture(scope="module")

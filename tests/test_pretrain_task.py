@@ -131,7 +131,7 @@ def _overfit():
 
 
 def test_uint8_images_are_normalised_inside_the_step():
-    from shards.augment import normalize_images
+    from shards.augment import normalize
     torch.manual_seed(0)
     task = build_task(tiny_cfg("loss.weights={itc: 1.0, itm: 0.0, mlm: 1.0, bbox: 1.0, giou: 1.0}")).eval()
     b = batch()
@@ -140,5 +140,5 @@ def test_uint8_images_are_normalised_inside_the_step():
     d = task.cfg.data
     with torch.no_grad():
         a = task({**b, **raw})
-        f = task({**b, **{k: normalize_images(v, d.mean, d.std) for k, v in raw.items()}})
+        f = task({**b, **{k: normalize(v, d.mean, d.std) for k, v in raw.items()}})
     assert all(torch.allclose(a[k], f[k], atol=1e-5) for k in ("loss", "itc", "mlm", "bbox"))

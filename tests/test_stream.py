@@ -4,14 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from loader_shards import WORDS, data_cfg, write_shards
+from loader_shards import data_cfg, write_shards
 from shards.stream import DataError, PretrainStream, StreamSettings, build_pretrain_loader, parse_sources
-from shards.text import build_vocab_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_vocab_tokenizer(WORDS, tmp_path_factory.mktemp("tok"))
 
 
 def _run(cfg, tok, **kw):
@@ -168,7 +162,7 @@ def test_reads_a_pretrain_data_config_object(tmp_path, tok):
 
 
 def test_uint8_batches_normalise_to_the_loader_normalised_ones(tmp_path, tok):
-    from shards.augment import normalize_images
+    from shards.augment import normalize
     write_shards(tmp_path / "coco", "coco", 2, 8)
     kw = dict(batches_per_epoch=2, max_tokens=16)
     src = [{"name": "coco", "shards": str(tmp_path / "coco")}]
@@ -178,5 +172,5 @@ def test_uint8_batches_normalise_to_the_loader_normalised_ones(tmp_path, tok):
         for k in ("image", "region_image"):
             assert r[k].dtype == torch.uint8 and r[k].shape == f[k].shape
             s = StreamSettings.from_config(data_cfg(src, **kw))
-            assert torch.allclose(normalize_images(r[k], s.mean, s.std), f[k], atol=1e-5)
+            assert torch.allclose(normalize(r[k], s.mean, s.std), f[k], atol=1e-5)
         assert all(torch.equal(f[k], r[k]) for k in f if k not in ("image", "region_image"))
