@@ -77,6 +77,23 @@ def load_examples(shard_dir: Path, tokenizer_dir: Path, dump: Path, n_good: int,
     return out
 
 
+def kind_breakdown(dump: Path) -> dict[str, dict]:
+    """Per expression kind of the synthetic language (shards.synthetic_text.parse: attribute, superlative,
+    relation): {kind: {"n", "rec" (Prec@0.5), "miou"}} from an evaluation dump; {} when the dump is missing."""
+    from shards.synthetic_text import parse
+
+    if not dump.is_file():
+        return {}
+    hits: dict[str, list[tuple[float, float]]] = {}
+    for line in dump.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            hits.setdefault(parse(r["text"]).kind, []).append((float(r.get("box_iou", 0.0) >= 0.5),
+                                                               float(r.get("mask_iou", 0.0))))
+    return {k: {"n": len(v), "rec": sum(a for a, _ in v) / len(v), "miou": sum(b for _, b in v) / len(v)}
+            for k, v in hits.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
@@ -158,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                   init: read_metrics(out / "finetune" / init / "metrics.jsonl") for init in results}}
     timings["total"] = time.perf_counter() - t_all
     notes = compare_notes(results)
+    by_kind = {init: {split: kind_breakdown(out / "finetune" / init / "eval" / f"{split}.jsonl")
+                      for split in results[init]} for init in results}
     report = write_report(out, results=results, manifests=manifests, curves=curves, examples=examples,
-                          timings=timings, notes=notes)
+                          timings=timings, notes=notes, by_kind=by_kind)
     print("\n".join(notes))
     print(f"\n[demo] done in {timings['total'] / 60:.1f} min: {report} and {out / 'results.json'}")
     return 0

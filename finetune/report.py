@@ -45,6 +45,18 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def kind_table(by_kind: dict) -> str:
+    """Markdown table of {init: {split: {kind: {"n", "rec", "miou"}}}}: REC Prec@0.5 and mean mask IoU per
+    expression kind (the synthetic expressions are attribute, superlative or relation ones)."""
+    lines = ["| init | split | kind | n | REC Prec@0.5 | RES mIoU |", "|---|---|---|---|---|---|"]
+    for init, per_split in by_kind.items():
+        for split, per_kind in per_split.items():
+            for kind in sorted(per_kind):
+                r = per_kind[kind]
+                lines.append(f"| {init} | {split} | {kind} | {r['n']} | {r['rec']:.3f} | {r['miou']:.3f} |")
+    return "\n".join(lines)
+
+
 def manifest_table(manifests: dict[str, dict]) -> str:
     """Markdown table of every shard set's manifest counts (samples, shards, skips by reason)."""
     lines = ["| shard set | samples | shards | captions | regions | refs | sentences | skipped (by reason) |",
@@ -128,14 +140,18 @@ def plot_predictions(examples: Sequence[dict], out_png: Path, cols: int = 4) -> 
 
 
 def write_report(out: Path, *, results: dict, manifests: dict[str, dict], curves: dict[str, dict[str, list]],
-                 examples: Sequence[dict], timings: dict[str, float], notes: Sequence[str] = ()) -> Path:
-    """Assemble report.md (+ PNGs) under `out`. `curves`: {stage title: {run name: metrics rows}}."""
+                 examples: Sequence[dict], timings: dict[str, float], notes: Sequence[str] = (),
+                 by_kind: dict | None = None) -> Path:
+    """Assemble report.md (+ PNGs) under `out`. `curves`: {stage title: {run name: metrics rows}};
+    `by_kind`: the kind_table input (omitted when None or empty)."""
     out = Path(out)
     md = ["# Demo report", "",
           "Synthetic raw datasets in the real formats -> shards -> X-VLM pretraining -> VG-LAW fine-tuning "
           "(with Mask Grounding) from the pretraining checkpoint and from random initialisation, same steps "
           "-> evaluation on every non-train split.", "", "## Results", "", results_table(results), ""]
     md += [f"- {n}" for n in notes]
+    if by_kind:
+        md += ["", "### By expression kind", "", kind_table(by_kind)]
     md += ["", "## Loss curves", ""]
     for i, (title, runs) in enumerate(curves.items()):
         png = out / f"curves_{i}.png"

@@ -31,6 +31,7 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "| pretrained | val |" in report and "| scratch | testB |" in report
+    assert "### By expression kind" in report and "| pretrained | val |" in report.split("### By expression kind")[1]
     assert "## Shard sets" in report and "| refcoco/train |" in report and "excluded_refer" in report
     for png in ("curves_0.png", "curves_1.png", "predictions.png"):
         data = (out / png).read_bytes()
@@ -54,3 +55,21 @@ def test_stage_overrides_reach_only_their_stage(tmp_path):
     assert ft.index("optim.lr=1e-4") > ft.index("both.x=1")            # stage overrides win (applied later)
     assert ft[-1] == "optim.total_steps=7" and "init_from=null" in ft
     assert f"init_from={tmp_path / 'pretrain'}" in finetune_argv(args, tmp_path, "pretrained")
+
+
+def test_kind_breakdown_scores_each_expression_kind(tmp_path):
+    from finetune.demo import kind_breakdown
+    from finetune.report import kind_table
+    rows = [{"text": "the large green triangle", "box_iou": 0.8, "mask_iou": 0.6},
+            {"text": "the red shape", "box_iou": 0.2, "mask_iou": 0.4},
+            {"text": "the leftmost red circle", "box_iou": 0.5, "mask_iou": 0.9},
+            {"text": "the small red circle to the left of the blue square", "box_iou": 0.1, "mask_iou": 0.0}]
+    dump = tmp_path / "val.jsonl"
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kinds = kind_breakdown(dump)
+    assert kinds["attribute"] == {"n": 2, "rec": 0.5, "miou": pytest.approx(0.5)}
+    assert kinds["superlative"] == {"n": 1, "rec": 1.0, "miou": 0.9}
+    assert kinds["relation"] == {"n": 1, "rec": 0.0, "miou": 0.0}
+    assert kind_breakdown(tmp_path / "missing.jsonl") == {}
+    table = kind_table({"pretrained": {"val": kinds}})
+    assert "| pretrained | val | attribute | 2 | 0.500 | 0.500 |" in table
