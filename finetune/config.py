@@ -51,7 +51,7 @@ class GroundingModelConfig:
     law_reduction: int = 16
     law_rank: int = 32                      # d_w
     lap_dim: int = 64
-    lap_geometry: bool = False              # also feed the box MLP the LAP map's moments (finetune/heads.py)
+    lap_geometry: bool = False              # box = LAP map's reference box + MLP correction (finetune/heads.py)
     head_hidden: int = 256
     res_hidden: int = 256
     mask_threshold: float = 0.35

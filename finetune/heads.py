@@ -41,14 +41,31 @@ def attention_geometry(attn: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return torch.stack([mx, my, sx, sy], -1)
 
 
+def reference_boxes(geometry: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """LAP-map moments [B,4] (attention_geometry) -> the box they imply, normalised (cx, cy, w, h): the box over
+    which the map's mass, spread evenly within each cell, would be uniform. A uniform spread over a width w has
+    std w / sqrt(12); the cell-centre std misses the within-cell part (1 / (12 W^2)), so one cell gives w = 1/W
+    and k adjacent cells k/W exactly."""
+    H, W = hw
+    mx, my, sx, sy = geometry.float().unbind(-1)
+    w = (12.0 * sx ** 2 + 1.0 / W ** 2).sqrt()
+    h = (12.0 * sy ** 2 + 1.0 / H ** 2).sqrt()
+    return torch.stack([mx, my, w, h], -1).clamp(1e-4, 1.0 - 1e-4)
+
+
 class RecHead(nn.Module):
     """LAP -> 3-layer MLP (C -> hidden -> hidden -> 4) -> sigmoid: box (cx, cy, w, h) in [0, 1].
 
-    `geometry=True` also feeds the MLP the LAP map's moments (attention_geometry: where the pooled tokens
-    lie and how spread they are). VG-LAW regresses the box from the pooled token values alone, which needs
-    tokens that still encode their absolute position after the backbone; a small backbone trained briefly
-    does not (measured on the demo: a linear probe recovers a token's x from its final feature with R^2 0.19),
-    so its box head only learns the mean box. Off by default (the paper's head)."""
+    `geometry=True` reads the box from *where* the LAP map points: its moments give a reference box
+    (reference_boxes) and the MLP, fed the pooled vector and that box, predicts a correction in logit space,
+    box = sigmoid(logit(reference) + MLP(...)) (Deformable DETR's reference-point refinement); the last layer
+    starts at zero, so training starts from the reference box, and the box losses reach the attention through
+    the moments. VG-LAW regresses the box from the pooled token values alone, which needs tokens that still
+    encode their absolute position after the backbone. A small backbone trained briefly does not: on the
+    demo a linear probe recovers a token's x from its final feature with R^2 0.19, and the paper's head only
+    learns the mean box, even while its LAP map's centroid already correlates 0.5 with the target centre
+    (measured; feeding the moments in as four more MLP inputs did not help either). Off by default (the
+    paper's head)."""
 
     def __init__(self, vis_dim: int, text_dim: int, k: int = 64, hidden: int = 256, geometry: bool = False) -> None:
         super().__init__()
@@ -56,15 +73,20 @@ class RecHead(nn.Module):
         self.geometry = geometry
         self.mlp = nn.Sequential(nn.Linear(vis_dim + (4 if geometry else 0), hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+        if geometry:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, visual: torch.Tensor, cls: torch.Tensor,
                 hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attn = self.pool(visual, cls)
-        if self.geometry:
-            if hw is None:
-                raise ValueError("RecHead(geometry=True) needs the token grid (H, W)")
-            pooled = torch.cat([pooled, attention_geometry(attn, hw).to(pooled.dtype)], -1)
-        return self.mlp(pooled).sigmoid(), attn
+        if not self.geometry:
+            return self.mlp(pooled).sigmoid(), attn
+        if hw is None:
+            raise ValueError("RecHead(geometry=True) needs the token grid (H, W)")
+        ref = torch.special.logit(reference_boxes(attention_geometry(attn, hw), hw))
+        delta = self.mlp(torch.cat([pooled, ref.to(pooled.dtype)], -1))
+        return (ref + delta.float()).sigmoid().to(pooled.dtype), attn
 
 
 class ResHead(nn.Module):

@@ -69,22 +69,49 @@ def test_attention_geometry_moments():
     assert torch.allclose(g[1], torch.tensor([0.5, 0.5, (63 / 12) ** 0.5 / 8, (15 / 12) ** 0.5 / 4]), atol=1e-4)
 
 
-def test_geometry_head_reads_where_the_lap_map_points():
+def test_reference_box_of_one_cell_and_of_a_uniform_block():
+    from finetune.heads import attention_geometry, reference_boxes
+    a = torch.zeros(2, 4, 8)
+    a[0, 1, 6] = 1.0                                              # one cell: the cell itself
+    a[1, 0:2, 2:5] = 1.0 / 6                                      # rows 0-1, columns 2-4, evenly
+    ref = reference_boxes(attention_geometry(a.flatten(1), (4, 8)), (4, 8))
+    assert torch.allclose(ref[0], torch.tensor([6.5 / 8, 1.5 / 4, 1 / 8, 1 / 4]), atol=1e-4)
+    assert torch.allclose(ref[1], torch.tensor([3.5 / 8, 1.0 / 4, 3 / 8, 2 / 4]), atol=1e-4)
+
+
+def _pointing_head():
+    """A geometry head whose LAP map picks the token with a large first channel."""
     from finetune.heads import RecHead
     torch.manual_seed(0)
     head = RecHead(8, 8, k=4, hidden=16, geometry=True)
-    visual = torch.zeros(1, 16, 8)                                 # identical tokens: only geometry differs
-    visual[0, 5, 0] = 50.0                                         # a key the query will pick out
-    cls = torch.zeros(1, 8)
     with torch.no_grad():
         head.pool.key.weight.zero_()
         head.pool.key.weight[0, 0] = 1.0
         head.pool.query.weight.zero_()
         head.pool.query.bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    box_a, attn = head(visual, cls, (4, 4))
-    assert attn[0].argmax() == 5
-    visual2 = torch.zeros(1, 16, 8)
-    visual2[0, 10, 0] = 50.0
-    box_b, _ = head(visual2, cls, (4, 4))
-    assert not torch.allclose(box_a, box_b)                        # same pooled value, other place, other box
-    assert RecHead(8, 8, k=4, hidden=16).mlp[0].in_features == 8
+    return head
+
+
+def test_geometry_head_starts_at_the_box_the_lap_map_points_to():
+    head = _pointing_head()
+    cls = torch.zeros(1, 8)
+    for cell in (5, 10):                                          # identical pooled value, other place
+        visual = torch.zeros(1, 16, 8)
+        visual[0, cell, 0] = 50.0
+        box, attn = head(visual, cls, (4, 4))
+        assert attn[0].argmax() == cell
+        r, c = divmod(cell, 4)
+        assert torch.allclose(box[0], torch.tensor([(c + 0.5) / 4, (r + 0.5) / 4, 0.25, 0.25]), atol=1e-3)
+    from finetune.heads import RecHead
+    assert RecHead(8, 8, k=4, hidden=16).mlp[0].in_features == 8    # the paper's head: pooled values only
+
+
+def test_box_loss_reaches_the_lap_attention_through_the_reference_box():
+    from finetune.losses import box_losses
+    head = _pointing_head()
+    visual = torch.randn(2, 16, 8, requires_grad=True)
+    box, _ = head(visual, torch.randn(2, 8), (4, 4))
+    terms = box_losses(box, torch.tensor([[0.2, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]))
+    (terms["l1"] + terms["giou"]).backward()
+    assert head.pool.key.weight.grad.abs().sum() > 0 and visual.grad.abs().sum() > 0
+    assert head.mlp[-1].weight.grad.abs().sum() > 0              # the correction learns from the first step
