@@ -52,6 +52,7 @@ class GroundingModelConfig:
     law_rank: int = 32                      # d_w
     lap_dim: int = 64
     lap_geometry: bool = False              # box = LAP map's reference box + MLP correction (finetune/heads.py)
+    rec_detach: bool = False                # the box head reads the backbone's features without training them
     head_hidden: int = 256
     res_hidden: int = 256
     mask_threshold: float = 0.35

@@ -14,12 +14,13 @@ class VGLaw(nn.Module):
 
     def __init__(self, text: nn.Module, vision: LawViT, text_dim: int, *, lap_dim: int = 64,
                  head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
-                 lap_geometry: bool = False) -> None:
+                 lap_geometry: bool = False, rec_detach: bool = False) -> None:
         super().__init__()
         self.text = text
         self.vision = vision
         vis_dim = vision.embed_dim
-        self.rec_head = RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden, geometry=lap_geometry)
+        self.rec_head = RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden, geometry=lap_geometry,
+                                detach=rec_detach)
         self.res_head = ResHead(vis_dim, text_dim, hidden=res_hidden)
         self.mask_threshold = mask_threshold
 

@@ -112,7 +112,8 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     vision = LawViT(vit, d_l, window_size=cfg.window_size, global_blocks=cfg.global_blocks, law=cfg.law,
                     groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
-                 mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry)
+                 mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
+                 rec_detach=cfg.rec_detach)
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

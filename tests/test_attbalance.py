@@ -115,3 +115,18 @@ def test_box_loss_reaches_the_lap_attention_through_the_reference_box():
     (terms["l1"] + terms["giou"]).backward()
     assert head.pool.key.weight.grad.abs().sum() > 0 and visual.grad.abs().sum() > 0
     assert head.mlp[-1].weight.grad.abs().sum() > 0              # the correction learns from the first step
+
+
+def test_detached_box_head_trains_itself_but_not_the_backbone():
+    from finetune.heads import RecHead
+    from finetune.losses import box_losses
+    torch.manual_seed(0)
+    target = torch.tensor([[0.2, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
+    for detach in (False, True):
+        head = RecHead(8, 8, k=4, hidden=16, geometry=True, detach=detach)
+        visual, cls = torch.randn(2, 16, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+        box, _ = head(visual, cls, (4, 4))
+        terms = box_losses(box, target)
+        (terms["l1"] + terms["giou"]).backward()
+        assert head.pool.key.weight.grad.abs().sum() > 0 and head.pool.query.weight.grad.abs().sum() > 0
+        assert (visual.grad is None and cls.grad is None) if detach else visual.grad.abs().sum() > 0
