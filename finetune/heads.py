@@ -85,14 +85,13 @@ class RecHead(nn.Module):
             nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, visual: torch.Tensor, cls: torch.Tensor,
-                hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual [B,N,C] on the token grid hw, cls [B,d_l] -> boxes [B,4], LAP attention [B,N]."""
         if self.detach:
             visual, cls = visual.detach(), cls.detach()
         pooled, attn = self.pool(visual, cls)
         if not self.geometry:
             return self.mlp(pooled).sigmoid(), attn
-        if hw is None:
-            raise ValueError("RecHead(geometry=True) needs the token grid (H, W)")
         ref = torch.special.logit(reference_boxes(attention_geometry(attn, hw), hw))
         delta = self.mlp(torch.cat([pooled, ref.to(pooled.dtype)], -1))
         return (ref + delta.float()).sigmoid().to(pooled.dtype), attn

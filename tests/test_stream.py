@@ -168,9 +168,9 @@ def test_uint8_batches_normalise_to_the_loader_normalised_ones(tmp_path, tok):
     src = [{"name": "coco", "shards": str(tmp_path / "coco")}]
     _, floats = _run(data_cfg(src, **kw), tok, rank=0, world_size=1, epoch=0, seed=3)
     _, raw = _run(data_cfg(src, normalize_in_loader=False, **kw), tok, rank=0, world_size=1, epoch=0, seed=3)
+    s = StreamSettings.from_config(data_cfg(src, **kw))
     for f, r in zip(floats, raw):
         for k in ("image", "region_image"):
             assert r[k].dtype == torch.uint8 and r[k].shape == f[k].shape
-            s = StreamSettings.from_config(data_cfg(src, **kw))
             assert torch.allclose(normalize(r[k], s.mean, s.std), f[k], atol=1e-5)
         assert all(torch.equal(f[k], r[k]) for k in f if k not in ("image", "region_image"))
