@@ -73,7 +73,10 @@ def run(cfg: FinetuneConfig) -> dict:
     def evaluate(module, step: int) -> dict:
         device = next(module.parameters()).device
         for split, path in eval_dirs.items():
-            dump = Path(cfg.run.out_dir) / "eval" / f"{split}.jsonl" if cfg.eval.dump else None
+            dump = None
+            if cfg.eval.dump:   # the final evaluation in eval/, earlier ones (run.eval_every) in eval/step<N>/
+                sub = "" if step >= cfg.optim.total_steps else f"step{step:06d}"
+                dump = Path(cfg.run.out_dir) / "eval" / sub / f"{split}.jsonl"
             results[split] = evaluate_model(module, path, tokenizer, batch_size=cfg.eval.batch_size,
                                             device=device, rank=info.rank, world_size=info.world_size,
                                             image_size=d.image_size, max_len=d.max_len, dump=dump)

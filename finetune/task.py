@@ -5,7 +5,7 @@
 
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
-includes the language adaptive weight generator and the heads).
+includes the language adaptive weight generator and the heads) and the generator at `law_lr_mult`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class GroundingTask(nn.Module):
     def __init__(self, model: VGLaw, loss: GroundingLossConfig, *, mask_grounding: MaskGrounding | None = None,
                  mg_cfg: MaskGroundingConfig | None = None, mask_token_id: int = 103,
                  special_ids: Sequence[int] = (0, 101, 102), backbone_lr_mult: float = 0.1,
-                 text_len: int = 40) -> None:
+                 law_lr_mult: float = 1.0, text_len: int = 40) -> None:
         super().__init__()
         self.model = model
         self.mask_grounding = mask_grounding
@@ -36,11 +36,15 @@ class GroundingTask(nn.Module):
         self.mask_token_id = mask_token_id
         self.special_ids = tuple(int(i) for i in special_ids)
         self.backbone_lr_mult = backbone_lr_mult
+        self.law_lr_mult = law_lr_mult
         self.text_len = text_len
         self._flops: float | None = None
 
     def lr_multipliers(self) -> dict[str, float]:
-        return {"model.vision.vit.": self.backbone_lr_mult, "model.text.": self.backbone_lr_mult}
+        mults = {"model.vision.vit.": self.backbone_lr_mult, "model.text.": self.backbone_lr_mult}
+        if self.law_lr_mult != 1.0:
+            mults["model.vision.law."] = self.law_lr_mult
+        return mults
 
     def flops_per_sample(self) -> float:
         """Forward + backward FLOPs of one training sample (3x the forward's matmul FLOPs, counted once with
@@ -93,14 +97,15 @@ class GroundingTask(nn.Module):
                             out: dict[str, torch.Tensor]) -> torch.Tensor:
         """MagNet's masked-token prediction. By default the visual tokens come from a second backbone pass
         conditioned on the *masked* text: the main pass saw the unmasked words through the LAW weights."""
-        ids, mask = batch["text_ids"], batch["text_mask"]
+        k = max(1, round(self.mg_cfg.batch_fraction * image.shape[0]))
+        ids, mask = batch["text_ids"][:k], batch["text_mask"][:k]
         masked, positions = mask_tokens(ids, mask, self.mg_cfg.mask_ratio, self.mask_token_id, self.special_ids)
         text = self.model.encode_text(masked, mask)
         if self.mg_cfg.reuse_visual:
-            visual = out["visual"]
+            visual = out["visual"][:k]
         else:
-            visual, _ = self.model.vision(image, text, mask)
-        return self.mask_grounding(text, mask, visual, batch["mask"], batch["bbox"], positions, ids)
+            visual, _ = self.model.vision(image[:k], text, mask)
+        return self.mask_grounding(text, mask, visual, batch["mask"][:k], batch["bbox"][:k], positions, ids)
 
 
 def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGLaw:
@@ -130,4 +135,5 @@ def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:
         kwargs["mask_token_id"] = tokenizer.mask_token_id
         kwargs["special_ids"] = tuple(tokenizer.all_special_ids)
     return GroundingTask(model, cfg.loss, mask_grounding=mg, mg_cfg=mg_cfg,
-                         backbone_lr_mult=cfg.backbone_lr_mult, text_len=cfg.data.max_len, **kwargs)
+                         backbone_lr_mult=cfg.backbone_lr_mult, law_lr_mult=cfg.law_lr_mult,
+                         text_len=cfg.data.max_len, **kwargs)

@@ -38,6 +38,7 @@ class VisionConfig:
     checkpoint: Optional[str] = None        # timm / safetensors state dict; random init when None
     drop_path_rate: float = 0.0
     timm_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    pos_embed_init: str = "random"          # random (timm's) | sincos (MAE's 2D sin-cos, still learnt); no checkpoint only
 
 
 @dataclass
@@ -325,6 +326,8 @@ class PretrainDataConfig:
     decoder: str = "pil"                    # pil | simplejpeg | torchvision (bench/loader.py compares them)
     max_tokens: Optional[int] = None        # text length L incl. [CLS]/[SEP]; None = max_words + 2 (X-VLM: 40)
     decode_reduce: bool = True              # decode JPEGs at 1/2, 1/4, 1/8 scale when the crop still covers image_size
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])   # random resized crop area (X-VLM); captions
+                                                                   # that describe the whole image want ~[0.8, 1]
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
     normalize_in_loader: bool = False       # false: workers send uint8 images (4x fewer bytes); the step normalises

@@ -37,9 +37,30 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
         raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
     if cfg.checkpoint:
         load_vision_weights(model, cfg.checkpoint)
+    elif cfg.pos_embed_init == "sincos":
+        init_sincos_pos_embed(model)
+    elif cfg.pos_embed_init != "random":
+        raise ConfigError(f"model.vision.pos_embed_init: expected random or sincos, got {cfg.pos_embed_init!r}")
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def init_sincos_pos_embed(model: nn.Module) -> None:
+    """Set a ViT's absolute position embeddings to MAE's fixed 2D sin-cos table (prefix tokens zero); they stay
+    trainable. A randomly initialised table (std 0.02) tells the patches nothing about where they are until it is
+    learnt; a small model trained briefly never learns it well (finetune/heads.py)."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    pos = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if pos is None or grid is None:
+        raise ConfigError(f"model.vision.pos_embed_init=sincos: {type(model).__name__} has no absolute position embedding")
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    table = build_sincos2d_pos_embed(list(grid), dim=pos.shape[-1])     # rows of the grid, row-major like the tokens
+    with torch.no_grad():
+        pos.zero_()
+        pos[0, prefix:] = table.to(pos.dtype)
 
 
 def _read_state_dict(path: str | Path) -> dict[str, Tensor]:

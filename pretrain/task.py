@@ -18,7 +18,9 @@ from .config import ConfigError, PretrainConfig
 from .encoders import build_text_encoder, build_vision_encoder, read_bert_state_dict, token_grid, vision_tokens
 from .fusion import build_fusion_encoder
 from .heads import MLMHead, build_mlp_head
-from .losses import box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives, select_masked_positions
+from .box_ops import box_cxcywh_to_xyxy, elementwise_iou
+from .losses import (box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives, select_masked_positions,
+                     weighted_mean)
 
 LOSS_NAMES = ("itc", "itm", "mlm", "bbox", "giou")
 TEMP_RANGE = (0.001, 0.5)
@@ -175,11 +177,24 @@ class PretrainTask(nn.Module):
         h = fused[3 * n:4 * n].gather(1, pos.unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
         mlm, mlm_acc = mlm_loss(self.mlm_head(h, self.text.embeddings.word_embeddings.weight), labels)
         terms = {"itc": itc, "itm": itm, "mlm": mlm, "itm_acc": itm_acc, "mlm_acc": mlm_acc,
-                 "mlm_overflow": overflow}
+                 "mlm_overflow": overflow, "itc_r1": itc_recall_at_1(logits_i2t, valid)}
         if box_tokens is not None:
             pred = self.bbox_head(fused[4 * n:, 0]).float().sigmoid()
             terms["bbox"], terms["giou"] = box_losses(pred, box_target, valid)
+            iou = elementwise_iou(box_cxcywh_to_xyxy(pred.detach()), box_cxcywh_to_xyxy(box_target.float()))
+            terms["box_iou"] = weighted_mean(iou, valid)
         return terms
+
+
+def itc_recall_at_1(logits_i2t: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Image->text R@1 within the local batch (chance 1/B): the fraction of (valid) images whose most similar
+    (valid) text is their own. Logged beside the losses; no host sync."""
+    n = logits_i2t.shape[0]
+    logits = logits_i2t.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid.bool()[None, :], float("-inf"))
+    hit = (logits.argmax(dim=1) == torch.arange(n, device=logits.device)).float()
+    return weighted_mean(hit, valid)
 
 
 def region_valid(batch: dict[str, Tensor]) -> Tensor:

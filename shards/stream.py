@@ -92,6 +92,7 @@ class StreamSettings:
     batches_per_epoch: int = 1000
     decoder: str = "pil"
     decode_reduce: bool = True                # DCT-downscaled decoding when the crop allows it
+    crop_scale: tuple = (0.2, 1.0)            # image-text view: random resized crop's area fraction (X-VLM)
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     normalize_in_loader: bool = True          # False: uint8 images, the training step normalises (on its GPU)
@@ -100,7 +101,7 @@ class StreamSettings:
     def from_config(cls, cfg: Any) -> "StreamSettings":
         kw = {f: get_field(cfg, f) for f in cls.__dataclass_fields__ if get_field(cfg, f) is not None}
         s = cls(**kw)
-        s.mean, s.std = tuple(s.mean), tuple(s.std)
+        s.mean, s.std, s.crop_scale = tuple(s.mean), tuple(s.std), tuple(s.crop_scale)
         if s.decoder not in DECODERS:
             raise DataError(f"data.decoder: expected one of {', '.join(DECODERS)}, got {s.decoder!r}")
         if s.decoder == "simplejpeg":
@@ -116,6 +117,8 @@ class StreamSettings:
             raise DataError("data.region_texts must be >= 0 and data.region_images >= 1 when region_texts > 0")
         if len(s.mean) != 3 or len(s.std) != 3:
             raise DataError("data.mean and data.std need three numbers")
+        if len(s.crop_scale) != 2 or not 0.0 < float(s.crop_scale[0]) <= float(s.crop_scale[1]) <= 1.0:
+            raise DataError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {list(s.crop_scale)}")
         return s
 
     @property
@@ -213,7 +216,8 @@ class PretrainStream(IterableDataset):
         for it in plan.images:
             try:
                 img, flipped = image_text_view(it.raw.jpg, int(it.raw.meta["width"]), int(it.raw.meta["height"]), rng,
-                                               size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce)
+                                               size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce,
+                                               scale=s.crop_scale)
                 imgs.append(img)
                 captions.append(swap_left_right(it.caption) if flipped else it.caption)
                 ok.append(True)

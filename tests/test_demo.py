@@ -44,9 +44,9 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
 
 
 def test_stage_overrides_reach_only_their_stage(tmp_path):
-    from finetune.demo import build_parser, finetune_argv, pretrain_argv
-    args = build_parser().parse_args(["both.x=1", "--finetune-steps", "7", "--pretrain-set", "optim.lr=1e-3",
-                                      "--finetune-set", "optim.lr=1e-4", "loss.rac=1"])
+    from finetune.demo import apply_preset, build_parser, finetune_argv, pretrain_argv
+    args = apply_preset(build_parser().parse_args(["both.x=1", "--finetune-steps", "7", "--pretrain-set",
+                                                   "optim.lr=1e-3", "--finetune-set", "optim.lr=1e-4", "loss.rac=1"]))
     pre = pretrain_argv(args, tmp_path)
     ft = finetune_argv(args, tmp_path, "scratch")
     assert "both.x=1" in pre and "both.x=1" in ft
@@ -55,6 +55,25 @@ def test_stage_overrides_reach_only_their_stage(tmp_path):
     assert ft.index("optim.lr=1e-4") > ft.index("both.x=1")            # stage overrides win (applied later)
     assert ft[-1] == "optim.total_steps=7" and "init_from=null" in ft
     assert f"init_from={tmp_path / 'pretrain'}" in finetune_argv(args, tmp_path, "pretrained")
+
+
+def test_presets_fill_what_the_command_line_leaves_unset(tmp_path):
+    from finetune.demo import apply_preset, build_parser, finetune_argv, pretrain_argv
+    args = apply_preset(build_parser().parse_args(["--preset", "long", "--images", "64",
+                                                   "--finetune-set", "optim.total_steps=9"]))
+    assert args.images == 64 and args.pretrain_config == "configs/pretrain/demo.yaml" and args.side_by_side
+    ft = finetune_argv(args, tmp_path, "scratch")
+    assert ft.index("optim.total_steps=4500") < ft.index("optim.total_steps=9")    # the user's override wins
+    assert "optim.total_steps=1500" in pretrain_argv(args, tmp_path)
+    assert f"model.text.tokenizer={tmp_path / 'tokenizer'}" in ft
+    gpu = apply_preset(build_parser().parse_args(["--preset", "gpu"]))
+    assert gpu.finetune_config == "configs/finetune/demo_gpu.yaml" and not gpu.side_by_side
+    from shards.text import default_tokenizer_dir
+    if default_tokenizer_dir() is not None:     # the gpu preset starts from the MiniLM checkpoint
+        assert any(a.startswith("model.text.bert=") for a in pretrain_argv(gpu, tmp_path))
+    for preset in ("demo", "long", "gpu"):
+        a = apply_preset(build_parser().parse_args(["--preset", preset]))
+        assert (ROOT / a.pretrain_config).is_file() and (ROOT / a.finetune_config).is_file()
 
 
 def test_kind_breakdown_scores_each_expression_kind(tmp_path):

@@ -151,3 +151,23 @@ def test_bf16_training_step():
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["mask_grounding"] > 0
     assert task.model.vision.law.phi_weight.grad is not None
+
+
+def test_mask_grounding_batch_fraction_is_the_loss_of_the_leading_samples():
+    """batch_fraction=0.5 on 4 samples: the masked-token loss of samples 0-1 alone (same mask draw)."""
+    from pretrain.config import ConfigError
+
+    torch.manual_seed(0)
+    part = build_task(tiny_config(**{"model.mask_grounding.batch_fraction": 0.5})).eval()   # no dropout
+    full = build_task(tiny_config()).eval()
+    full.load_state_dict(part.state_dict())
+    batch = tiny_batch(4)
+    head = {k: v[:2] for k, v in batch.items()}
+    losses = []
+    for task, b in ((part, batch), (full, head)):
+        out = task.model(b["image"], b["text_ids"], b["text_mask"])
+        torch.manual_seed(1)
+        losses.append(task.mask_grounding_loss(b, b["image"], out))
+    assert torch.isfinite(losses[0]) and losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    with pytest.raises(ConfigError):
+        tiny_config(**{"model.mask_grounding.batch_fraction": 0.0})

@@ -1,0 +1,201 @@
+"""Learning curves of the grounding model on the synthetic RefCOCO set: the instrument for model choices.
+
+    python bench/learning.py                                   # configs/finetune/demo.yaml, 600 steps, 3 evals
+    python bench/learning.py --steps 1200 --evals 4 model.window_size=0 --vs model.window_size=4
+    python bench/learning.py --init runs/demo/pretrain --vs init_from=null      # pretrained vs scratch
+
+Fine-tunes a config (plus dotted overrides) with the real `python -m finetune` command for a step budget,
+evaluating every `steps / evals` steps on val, testA and testB, and prints the curve: REC Prec@0.5 and RES mIoU
+per split and per expression kind (attribute / superlative / relation, parsed back from the text), samples/s
+and wall time, beside the language-blind references computed from the annotations (finetune.references).
+
+`--vs OVERRIDES...` runs a second setting (the same config, the common overrides, then these) at the same time,
+one process each with `--threads` threads (default 1 each), on the same data and seed, so two choices are
+compared on one machine state. The synthetic data is drawn once per (seed, images) under `--out`/data (or give
+`--data DIR`, a `shards demo` output). The last line of output is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SPLITS = ("val", "testA", "testB")
+
+
+def build_data(out: Path, seed: int, images: int) -> Path:
+    """Synthetic raw data + the refcoco shard set + a tokenizer under `out` (kept between runs)."""
+    from shards.__main__ import build_parser, run
+    from shards.demo import build_demo_tokenizer, demo_commands
+    from shards.synthetic import generate
+
+    if (out / "tokenizer" / "vocab.txt").is_file():
+        return out
+    generate(out / "raw", seed=seed, images=images)
+    refcoco = [c for c in demo_commands(out / "raw", out / "shards", 2) if c[0] == "refcoco"]
+    for argv in refcoco:
+        run(build_parser().parse_args(argv))
+    build_demo_tokenizer(out)
+    return out
+
+
+def finetune_cmd(args: argparse.Namespace, data: Path, run_dir: Path, overrides: list[str]) -> list[str]:
+    every = max(1, args.steps // args.evals)
+    cmd = [sys.executable, "-m", "finetune", "--config", args.config, f"run.out_dir={run_dir}",
+           f"data.shards={data / 'shards' / 'refcoco'}", f"optim.total_steps={args.steps}",
+           f"run.eval_every={every}", f"run.save_every={args.steps}", "run.resume=null", f"run.seed={args.seed}",
+           "eval.dump=true", f"eval.splits=[{', '.join(SPLITS)}]", f"init_from={args.init}",
+           f"model.text.tokenizer={data / 'tokenizer'}"]
+    return cmd + list(args.overrides) + overrides
+
+
+def launch(cmd: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("WANDB_MODE", "offline")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    f = open(log, "w")
+    f.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    f.flush()
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), time.perf_counter()
+
+
+def read_curve(run_dir: Path, total: int) -> list[dict]:
+    """Evaluation points from metrics.jsonl and the per-expression dumps: one dict per evaluated step."""
+    from finetune.demo import kind_breakdown
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    samples = 0
+    points = []
+    for r in rows:
+        if "step_time" in r:
+            samples = int(r.get("samples_seen", samples))
+        if not any(k.startswith("eval/") for k in r):
+            continue
+        step = int(r["step"])
+        sub = "" if step >= total else f"step{step:06d}"
+        p = {"step": step, "samples": samples, "splits": {}, "kinds": {}}
+        for s in SPLITS:
+            if f"eval/{s}/rec_prec@0.5" in r:          # finetune.__main__.flat_metrics' keys
+                p["splits"][s] = {"rec": r[f"eval/{s}/rec_prec@0.5"], "miou": r.get(f"eval/{s}/miou")}
+                p["kinds"][s] = kind_breakdown(run_dir / "eval" / sub / f"{s}.jsonl")
+        points.append(p)
+    speeds = [r["samples_per_s_gpu"] for r in rows if "samples_per_s_gpu" in r]
+    for p in points:
+        p["samples_per_s"] = sum(speeds) / len(speeds) if speeds else None
+    return points
+
+
+def mean_over_splits(p: dict, key: str) -> float:
+    vals = [v[key] for v in p["splits"].values() if v.get(key) is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def kinds_pooled(p: dict) -> dict[str, dict]:
+    """Per expression kind over all evaluated splits (weighted by the number of expressions)."""
+    out: dict[str, dict] = {}
+    for per_split in p["kinds"].values():
+        for k, v in per_split.items():
+            o = out.setdefault(k, {"n": 0, "rec": 0.0, "miou": 0.0})
+            o["n"] += v["n"]
+            o["rec"] += v["rec"] * v["n"]
+            o["miou"] += v["miou"] * v["n"]
+    return {k: {"n": v["n"], "rec": v["rec"] / v["n"], "miou": v["miou"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def print_table(name: str, points: list[dict], wall: float) -> None:
+    print(f"\n## {name}  (wall {wall / 60:.1f} min)")
+    head = "| step | samples | " + " | ".join(f"{s} P@0.5 / mIoU" for s in SPLITS) + \
+        " | attribute | superlative | relation | samples/s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for p in points:
+        cells = [f"{p['step']}", f"{p['samples']}"]
+        for s in SPLITS:
+            v = p["splits"].get(s)
+            cells.append(f"{v['rec']:.3f} / {v['miou']:.3f}" if v else "-")
+        kinds = kinds_pooled(p)
+        for k in ("attribute", "superlative", "relation"):
+            v = kinds.get(k)
+            cells.append(f"{v['rec']:.3f} / {v['miou']:.3f}" if v else "-")
+        cells.append(f"{p['samples_per_s']:.1f}" if p.get("samples_per_s") else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_references(refs: dict[str, dict]) -> None:
+    print("\n## Language-blind references (from the annotations; Prec@0.5 / mIoU)")
+    print("| split | n | random object | largest object | all objects |")
+    print("|---|---|---|---|---|")
+    for s, r in refs.items():
+        cells = [f"{r[k]['rec']:.3f} / {r[k]['miou']:.3f}" for k in ("random_object", "largest_object", "all_objects")]
+        print(f"| {s} | {r['n']} | " + " | ".join(cells) + " |")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/finetune/demo.yaml")
+    ap.add_argument("--data", type=Path, default=None, help="a `shards demo` output dir (raw/, shards/refcoco, tokenizer/)")
+    ap.add_argument("--images", type=int, default=1280, help="synthetic COCO images when drawing data (default 1280)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data drawn")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (run.seed)")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--evals", type=int, default=3, help="evaluation points (every steps/evals steps)")
+    ap.add_argument("--init", default="null", help="init_from: a pretraining run dir, or null (scratch)")
+    ap.add_argument("--threads", type=int, default=None, help="threads per run (default: 1 with --vs, else all)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learning")
+    ap.add_argument("--name", default="a", help="label of the first setting")
+    ap.add_argument("--vs-name", default="b", help="label of the --vs setting")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides for both settings")
+    ap.add_argument("--vs", nargs="+", default=None, metavar="KEY=VALUE",
+                    help="a second setting: these overrides on top of the common ones, run side by side")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from finetune.references import language_blind_references
+    from shards.synthetic_text import parse
+
+    data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}",
+                                   args.data_seed, args.images)
+    refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
+    settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
+    threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
+    procs = []
+    for name, extra in settings:
+        run_dir = args.out / name
+        proc, t0 = launch(finetune_cmd(args, data, run_dir, extra), threads, run_dir / "log.txt")
+        procs.append((name, extra, run_dir, proc, t0))
+        print(f"[learning] {name}: {' '.join(args.overrides + extra) or '(config as is)'} -> {run_dir}/log.txt",
+              flush=True)
+    result = {"config": args.config, "steps": args.steps, "threads_per_run": threads, "data": str(data),
+              "seed": args.seed, "references": refs, "runs": {}}
+    failed = False
+    for name, extra, run_dir, proc, t0 in procs:
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            print(f"error: run {name} failed with exit code {rc}; log: {run_dir / 'log.txt'}", file=sys.stderr)
+            failed = True
+            continue
+        points = read_curve(run_dir, args.steps)
+        print_table(f"{name}: {' '.join(args.overrides + extra) or '(config as is)'}", points, wall)
+        last = points[-1] if points else None
+        result["runs"][name] = {"overrides": args.overrides + extra, "wall_s": wall, "curve": points,
+                                "final": None if last is None else {
+                                    "rec_mean": mean_over_splits(last, "rec"), "miou_mean": mean_over_splits(last, "miou"),
+                                    "splits": last["splits"], "kinds": kinds_pooled(last)}}
+    print_references(refs)
+    print(json.dumps(result))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

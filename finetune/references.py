@@ -1,0 +1,105 @@
+"""Language-blind references: what a grounding model scores if it ignores the expression.
+
+Computed from the refer annotations themselves (a refs pickle + instances.json, as lichengunc/refer lays them
+out), for the expressions of one split, with the evaluator's own IoU functions:
+
+- `random_object`: the expected score of answering with one of the image's objects drawn at random (exact
+  box and mask of that object): REC Prec@0.5 and mask IoU averaged over the objects, then over expressions.
+- `largest_object`: always the largest object of the image.
+- `all_objects`: the union of every object's mask (mIoU) and the box around every object (Prec@0.5).
+
+A model whose Prec@0.5 / mIoU sit near these has not learnt to read the expression.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from finetune.metrics import box_iou_xywh
+from shards.refer import load_instances, load_refs, refs_path
+
+
+def _ann_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / u) if u else 1.0
+
+
+def _union_box(boxes: list[list[float]]) -> list[float]:
+    x0 = min(b[0] for b in boxes)
+    y0 = min(b[1] for b in boxes)
+    x1 = max(b[0] + b[2] for b in boxes)
+    y1 = max(b[1] + b[3] for b in boxes)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def language_blind_references(refer_root: str | Path, split: str, *, dataset: str = "refcoco",
+                              split_by: str = "unc", by_kind=None) -> dict:
+    """{"n", "random_object": {"rec", "miou"}, "largest_object": {...}, "all_objects": {...}} for every (ref, sentence) of `split`; with `by_kind` (sentence -> kind name) the same
+    per kind under "kinds"."""
+    root = Path(refer_root)
+    refs = [r for r in load_refs(refs_path(root, dataset, split_by)) if r.get("split") == split]
+    inst = load_instances(root / dataset / "instances.json")
+    images = {int(im["id"]): im for im in inst["images"]}
+    anns_of: dict[int, list[dict]] = defaultdict(list)
+    ann_by_id = {}
+    for a in inst["annotations"]:
+        ann_by_id[int(a["id"])] = a
+        if not a.get("iscrowd", 0):
+            anns_of[int(a["image_id"])].append(a)
+    per_image: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+    rows: list[tuple[str | None, dict[str, tuple[float, float]]]] = []
+    for ref in refs:
+        iid = int(ref["image_id"])
+        im = images[iid]
+        h, w = int(im["height"]), int(im["width"])
+        objs = anns_of[iid]
+        if iid not in per_image:
+            masks = [_ann_mask(a, h, w) for a in objs]
+            per_image[iid] = (masks, np.logical_or.reduce(masks) if masks else np.zeros((h, w), bool))
+        masks, union = per_image[iid]
+        target = ann_by_id[int(ref["ann_id"])]
+        tmask = _ann_mask(target, h, w)
+        tbox = target["bbox"]
+        box_hits = [float(box_iou_xywh(a["bbox"], tbox) >= 0.5) for a in objs]
+        mask_ious = [_iou(m, tmask) for m in masks]
+        largest = int(np.argmax([a["area"] for a in objs]))
+        scores = {
+            "random_object": (float(np.mean(box_hits)), float(np.mean(mask_ious))),
+            "largest_object": (box_hits[largest], mask_ious[largest]),
+            "all_objects": (float(box_iou_xywh(_union_box([a["bbox"] for a in objs]), tbox) >= 0.5),
+                            _iou(union, tmask)),
+        }
+        for sent in ref["sentences"]:
+            text = (sent.get("sent") or sent.get("raw") or "") if isinstance(sent, dict) else str(sent)
+            rows.append((by_kind(text) if by_kind else None, scores))
+    return _summarise(rows)
+
+
+def _summarise(rows: list[tuple[str | None, dict[str, tuple[float, float]]]]) -> dict:
+    def mean(sel):
+        if not sel:
+            return {}
+        names = sel[0][1].keys()
+        return {k: {"rec": float(np.mean([s[k][0] for _, s in sel])), "miou": float(np.mean([s[k][1] for _, s in sel]))}
+                for k in names}
+
+    out = {"n": len(rows), **mean(rows)}
+    kinds = sorted({k for k, _ in rows if k is not None})
+    if kinds:
+        out["kinds"] = {k: {"n": sum(1 for kk, _ in rows if kk == k), **mean([r for r in rows if r[0] == k])}
+                        for k in kinds}
+    return out

@@ -1,0 +1,58 @@
+"""Language-blind references (finetune.references) on a hand-made refer dataset with known answers."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from finetune.references import language_blind_references
+
+
+def _square(x, y, s):
+    return [[x, y, x + s, y, x + s, y + s, x, y + s]]
+
+
+@pytest.fixture
+def refer_root(tmp_path):
+    """One 100x100 image with three squares (sides 10, 20, 40; areas 100, 400, 1600); two refs in val (the
+    small and the large square, two sentences for the small one), one in train."""
+    d = tmp_path / "refcoco"
+    d.mkdir()
+    anns = [{"id": i + 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "area": float(s * s),
+             "bbox": [x, y, s, s], "segmentation": _square(x, y, s)}
+            for i, (x, y, s) in enumerate([(0, 0, 10), (30, 0, 20), (50, 50, 40)])]
+    inst = {"images": [{"id": 7, "width": 100, "height": 100, "file_name": "x.jpg"}], "annotations": anns,
+            "categories": [{"id": 1, "name": "square"}]}
+    (d / "instances.json").write_text(json.dumps(inst))
+    refs = [{"ref_id": 1, "ann_id": 1, "image_id": 7, "split": "val", "category_id": 1,
+             "sentences": [{"sent": "the small square"}, {"sent": "the leftmost square"}]},
+            {"ref_id": 2, "ann_id": 3, "image_id": 7, "split": "val", "category_id": 1,
+             "sentences": [{"sent": "the large square"}]},
+            {"ref_id": 3, "ann_id": 2, "image_id": 7, "split": "train", "category_id": 1,
+             "sentences": [{"sent": "the middle square"}]}]
+    (d / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return tmp_path
+
+
+def test_references_match_hand_computed_values(refer_root):
+    r = language_blind_references(refer_root, "val")
+    assert r["n"] == 3                                  # three val sentences
+    # a random object is the target with probability 1/3 (exact box, exact mask; the others don't overlap)
+    assert r["random_object"]["rec"] == pytest.approx(1 / 3)
+    assert r["random_object"]["miou"] == pytest.approx(1 / 3)
+    # the largest object is the target of one of the three sentences
+    assert r["largest_object"]["rec"] == pytest.approx(1 / 3)
+    assert r["largest_object"]["miou"] == pytest.approx(1 / 3)
+    # the union of all masks: IoU = target area / 2100 (polygons rasterise with their edge pixels included)
+    union = r["all_objects"]["miou"]
+    assert 2 * (100 / 2100) / 3 + (1600 / 2100) / 3 == pytest.approx(union, abs=0.03)
+    # the box around all three is [0, 0, 90, 90]: IoU 1600/8100 with the large square, less with the small one
+    assert r["all_objects"]["rec"] == 0.0
+
+
+def test_references_per_kind(refer_root):
+    r = language_blind_references(refer_root, "val", by_kind=lambda t: "superlative" if "most" in t else "attribute")
+    assert r["kinds"]["superlative"]["n"] == 1 and r["kinds"]["attribute"]["n"] == 2
+    assert r["kinds"]["superlative"]["largest_object"]["rec"] == 0.0
+    assert r["kinds"]["attribute"]["largest_object"]["rec"] == pytest.approx(0.5)
