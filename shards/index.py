@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
 from shards.decode import DecodeError, decode_image
+from shards.determinism import loader_generator
 from shards.masks import decode_mask
 from shards.sources import DataError, resolve_shards
 from shards.text import clean_caption, has_direction_words
@@ -274,4 +275,4 @@ def build_grounding_loader(shard_dir: str | Path | GroundingDataset, tokenizer: 
         sampler = _SkipFirst(sampler, start_batch * batch_size)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_grounding, drop_last=train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, generator=loader_generator(seed, epoch, rank))

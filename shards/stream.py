@@ -46,6 +46,7 @@ from webdataset.filters import shuffle
 from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize_batch, plan_region_crop,
                             region_view, stack_uint8)
 from shards.decode import DECODERS, DecodeError
+from shards.determinism import loader_generator
 from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
                             parse_sources, resolve_shards)
 from shards.text import MLMMasker, clean_caption, encode_and_mask, swap_left_right
@@ -332,7 +333,8 @@ class PretrainLoader:
                  pin_memory: bool = False) -> None:
         self.stream, self.record_keys = stream, record_keys
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)
+                                 persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None,
+                                 generator=loader_generator(stream.seed, stream.epoch, stream.rank))
         self.skips: Counter = Counter()
         self.keys: list[list[str]] = []
         self.wait_s = 0.0
