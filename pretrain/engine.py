@@ -143,9 +143,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     count = samples_per_batch or default_samples
 
     step, samples_seen, epoch, batch_in_epoch = 0, 0, 0, 0
-    resume = ckpt.resolve_resume(cfg.run.resume, ckpt_dir)
+    resume, state = _resume(cfg, engine, ckpt_dir)
     if resume is not None:
-        state = ckpt.load_checkpoint(engine, *resume)
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         epoch, batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
     data = _Data(make_loader, batches_per_epoch, epoch, batch_in_epoch)
@@ -153,7 +152,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     if resume is not None:
         tracker.truncate_after(step)
         tracker.message(f"resumed from {resume[0] / resume[1]} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1])})
+        tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1]),
+                           "rng_restored": bool(state.get("rng_restored", True))})
     flops = getattr(task, "flops_per_sample", None)
     flops_per_sample = float(flops()) if callable(flops) else None
     peak = peak_flops(device, cfg.engine.precision)
@@ -225,7 +225,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                 if step % cfg.run.save_every == 0 or step == cfg.optim.total_steps or stop:
                     last_saved = ckpt.save_checkpoint(engine, ckpt_dir, step,
                                                       _client_state(step, samples_seen, data),
-                                                      cfg.run.keep_checkpoints)
+                                                      cfg.run.keep_checkpoints,
+                                                      protect=(resume[1],) if resume is not None else ())
                 if stop:
                     tracker.message(f"preemption signal: saved {last_saved} at step {step}; exiting with "
                                     f"{cfg.run.requeue_exit_code} for requeue")
@@ -252,6 +253,27 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,
             "world_size": plan.world}
+
+
+def _resume(cfg: Any, engine: Any, ckpt_dir: Path) -> tuple[tuple[Path, str] | None, dict]:
+    """The checkpoint this run continues from and its client state, or (None, {}) for a fresh start.
+    Falls back past unreadable checkpoints (with a warning); refuses to start afresh over an earlier run's
+    complete checkpoints, which its saves would overwrite."""
+    candidates = ckpt.resume_candidates(cfg.run.resume, ckpt_dir)
+    if not candidates:
+        if cfg.run.resume in (None, "") and any(ckpt.is_complete(ckpt_dir, t) for t in ckpt.list_tags(ckpt_dir)):
+            raise ckpt.CheckpointError(ckpt_dir, "holds an earlier run's checkpoints and run.resume is null; set "
+                                                 "run.resume=latest to continue it, or choose another run.out_dir")
+        return None, {}
+    errors = []
+    for d, tag in candidates:
+        try:
+            return (d, tag), ckpt.load_checkpoint(engine, d, tag)
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+            if du.discover().is_main and len(candidates) > 1:
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+    raise ckpt.CheckpointError(candidates[0][0], f"no checkpoint could be loaded (first: {errors[0]})")
 
 
 def _lr_of(engine: Any) -> float:
