@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -70,13 +71,16 @@ class _Data:
         self.batch_in_epoch = batch_in_epoch
         self.short_epochs = 0
         self._it: Iterator[dict] | None = None
+        self._loader: Any = None
+        self._done_skips: Counter = Counter()       # skips of finished epochs (this process, since start/resume)
 
     def next(self) -> dict:
         for _ in range(3):
             if self.batch_in_epoch >= self.batches_per_epoch:
                 self._next_epoch()
             if self._it is None:
-                self._it = iter(self.make_loader(self.epoch, self.batch_in_epoch))
+                self._loader = self.make_loader(self.epoch, self.batch_in_epoch)
+                self._it = iter(self._loader)
             try:
                 batch = next(self._it)
             except StopIteration:           # loader shorter than batches_per_epoch: count it, move on
@@ -88,9 +92,24 @@ class _Data:
         raise RuntimeError("the data loader yields no batches")
 
     def _next_epoch(self) -> None:
+        self._done_skips += self._loader_skips()
+        self._loader = None
         self.epoch += 1
         self.batch_in_epoch = 0
         self._it = None
+
+    def _loader_skips(self) -> Counter:
+        skips = getattr(self._loader, "skips", None)
+        return Counter({str(k): int(v) for k, v in dict(skips).items()}) if skips else Counter()
+
+    def skips(self) -> dict[str, int]:
+        """Samples the loaders skipped so far, by reason, summed over ranks (collective when distributed)."""
+        mine = self._done_skips + self._loader_skips()
+        if du.is_dist():
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, dict(mine))
+            mine = sum((Counter(p) for p in parts), Counter())
+        return dict(sorted(mine.items()))
 
 
 def _build_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPlan):
@@ -217,6 +236,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                               "samples_seen": samples_seen, "nonfinite_skipped": nan_total}
                     if flops_per_sample and peak:
                         record["mfu"] = flops_per_sample * sps / peak
+                    record.update({f"skipped/{k}": v for k, v in data.skips().items()})
                     tracker.log(step, record)
                     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
                 if evaluate is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0 \
@@ -240,6 +260,9 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
 
     if evaluate is not None:
         last_eval = _evaluate(evaluate, engine, step, tracker)
+    skipped = data.skips()
+    if skipped:
+        tracker.message("loader skipped samples: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
     export = None
     if cfg.run.export and last_saved is not None:
         if info.is_main:
@@ -248,7 +271,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
         export = export or out_dir / "export"
     tracker.close()
     return {"steps": step, "final_loss": last_loss, "samples_seen": samples_seen, "epoch": data.epoch,
-            "short_epochs": data.short_epochs,
+            "short_epochs": data.short_epochs, "skipped": skipped,
             "nonfinite_skipped": nan_total, "history": str(out_dir / "metrics.jsonl"),
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,
