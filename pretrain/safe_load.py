@@ -63,21 +63,18 @@ def load_pt(path: str | Path | Any, map_location: Any = "cpu", **kwargs: Any) ->
         with torch.serialization.safe_globals(_allowed_globals()):
             return _ORIGINAL_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "GLOBAL" in str(e) or "Weights only load failed" in str(e):
-            bad = _unsafe_global(str(e))
-            raise CheckpointError(name, f"refused: the pickle names {bad} (only tensors and plain data load; "
+        text = str(e)
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m:
+            raise CheckpointError(name, f"refused: the pickle names {m.group(1)} (only tensors and plain data load; "
                                         f"weights_only=True)") from None
-        raise CheckpointError(name, f"not a readable checkpoint ({first[:200]})") from None
+        detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")),
+                      (text.strip().splitlines() or [type(e).__name__])[-1])
+        raise CheckpointError(name, f"not a readable checkpoint ({detail[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
             TypeError, UnicodeDecodeError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(name, f"not a readable checkpoint (truncated or corrupt: {first[:200]})") from None
-
-
-def _unsafe_global(message: str) -> str:
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    return m.group(1) if m else "a disallowed global"
 
 
 _PATCH_LOCK = threading.Lock()
