@@ -173,8 +173,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
         tracker.message(f"resumed from {resume[0] / resume[1]} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1]),
                            "rng_restored": bool(state.get("rng_restored", True))})
-    flops = getattr(task, "flops_per_sample", None)
-    flops_per_sample = float(flops()) if callable(flops) else None
+    flops_per_sample = _flops_per_sample(task)
     peak = peak_flops(device, cfg.engine.precision)
 
     nan_streak, nan_total, last_loss, last_saved, last_eval = 0, 0, float("nan"), None, None
@@ -276,6 +275,20 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,
             "world_size": plan.world}
+
+
+def _flops_per_sample(task: nn.Module) -> float | None:
+    """The task's FLOPs per sample, measured without touching the RNG streams training reads: a task may count
+    them with a dummy forward pass in training mode (dropout, Mask Grounding's random masking), which after a
+    resume would shift every later random draw away from the uninterrupted run's."""
+    flops = getattr(task, "flops_per_sample", None)
+    if not callable(flops):
+        return None
+    state = ckpt.rng_state()
+    try:
+        return float(flops())
+    finally:
+        ckpt.set_rng_state(state)
 
 
 def _resume(cfg: Any, engine: Any, ckpt_dir: Path) -> tuple[tuple[Path, str] | None, dict]:

@@ -2,9 +2,11 @@
 (2 workers), fp32 on the CPU. A resumed run must repeat the uninterrupted run's loss at every later step
 (within 1e-6), whether it was SIGKILLed or resumed from any earlier checkpoint.
 
-The cause of the drift this guards against: every `iter(DataLoader)` drew its workers' base seed from torch's
-global RNG, and a resumed run builds its loader iterator *after* restoring the RNG state, so dropout and the
-ITM negative sampling of every later step saw a shifted stream (`shards.determinism`)."""
+The two causes of drift this guards against, both extra draws from torch's global RNG that only a resumed run
+made after restoring the RNG state, shifting dropout, ITM negative sampling and Mask Grounding's masking at
+every later step: every `iter(DataLoader)` drew its workers' base seed from the global RNG
+(`shards.determinism`), and the fine-tuning task counts its FLOPs with a dummy forward pass in training mode
+(`pretrain.engine._flops_per_sample` now restores the RNG around it)."""
 from __future__ import annotations
 
 import json
@@ -114,10 +116,10 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path, module):
     for s in resumed:
         assert resumed[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-6), (module, "killed", s)
 
-    for at in (2, 6):                               # mid-epoch and at an epoch boundary (3 batches per epoch)
-        out = tmp_path / f"from_{at}"
-        copy_at(ref, out, at)
-        run_cli(module, config, out)
-        again = losses(out)
-        for s in range(at + 1, TOTAL + 1):
-            assert again[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-6), (module, at, s)
+    at = 5                                          # an intact copy of step 5 (mid-epoch: 3 batches per epoch)
+    out = tmp_path / f"from_{at}"
+    copy_at(ref, out, at)
+    run_cli(module, config, out)
+    again = losses(out)
+    for s in range(at + 1, TOTAL + 1):
+        assert again[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-6), (module, at, s)
