@@ -1,6 +1,8 @@
 """Exact resume of the REAL loops: X-VLM + the streaming loader (2 workers) and VG-LAW + the grounding loader
-(2 workers), fp32 on the CPU. A resumed run must repeat the uninterrupted run's loss at every later step
-(within 1e-6), whether it was SIGKILLed or resumed from any earlier checkpoint.
+(2 workers), fp32 on the CPU. A run SIGKILLed after step 3 and started again
+must repeat the uninterrupted run's loss at every later step (within 1e-6); it resumes from the newest
+checkpoint (one per step), mid-epoch or at an epoch boundary (3 batches per epoch) depending on where the kill
+lands. tests/test_bad_inputs.py covers the fall-backs (dangling/partial `latest`, unreadable checkpoints).
 
 The two causes of drift this guards against, both extra draws from torch's global RNG that only a resumed run
 made after restoring the RNG state, shifting dropout, ITM negative sampling and Mask Grounding's masking at
@@ -10,7 +12,6 @@ every later step: every `iter(DataLoader)` drew its workers' base seed from the 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from shards.text import build_vocab_tokenizer
 from test_engine_cli import cli_env, tiny_pretrain_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TOTAL = 9
+TOTAL = 7
 
 
 def pretrain_config(tmp_path: Path) -> Path:
@@ -51,7 +52,7 @@ def finetune_config(tmp_path: Path) -> Path:
                               "intermediate_size": 128, "max_len": 12, "tokenizer": str(tmp_path / "tok")}},
            "data": {**FT["data"], "shards": str(data), "batches_per_epoch": 3, "num_workers": 2},
            "eval": {"splits": []},
-           "optim": {"total_steps": TOTAL, "step_milestones": [5]},
+           "optim": {"total_steps": TOTAL, "step_milestones": [4]},
            "engine": {"deepspeed": False, "precision": "fp32"},
            "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "save_every": 1, "keep_checkpoints": 100,
                    "export": False, "wandb": {"mode": "disabled"}}}
@@ -69,18 +70,6 @@ def run_cli(module: str, config: Path, out: Path) -> None:
     r = subprocess.run([sys.executable, "-m", module, "--config", str(config), f"run.out_dir={out}"],
                        env=cli_env(), capture_output=True, text=True, timeout=600, cwd=config.parent)
     assert r.returncode == 0, r.stderr[-3000:]
-
-
-def copy_at(reference: Path, dst: Path, step: int) -> None:
-    """The reference run's directory as it was right after saving `step` (later checkpoints and rows gone)."""
-    shutil.copytree(reference, dst)
-    ck = dst / "checkpoints"
-    for d in ck.glob("step_*"):
-        if int(d.name.split("_")[1]) > step:
-            shutil.rmtree(d)
-    (ck / "latest").write_text(f"step_{step:08d}")
-    rows = [x for x in (dst / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= step]
-    (dst / "metrics.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def sigkill_after(module: str, config: Path, out: Path, step: int) -> None:
@@ -115,11 +104,6 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path, module):
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for s in resumed:
         assert resumed[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-6), (module, "killed", s)
-
-    at = 5                                          # an intact copy of step 5 (mid-epoch: 3 batches per epoch)
-    out = tmp_path / f"from_{at}"
-    copy_at(ref, out, at)
-    run_cli(module, config, out)
-    again = losses(out)
-    for s in range(at + 1, TOTAL + 1):
-        assert again[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-6), (module, at, s)
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r for r in rows if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["rng_restored"] and 2 <= resumes[0]["step"] < TOTAL
