@@ -172,8 +172,7 @@ def excluded_image_ids(refer_root: str | Path, *, google: bool = False) -> tuple
                      "non_train_refs": sum(r["split"] != "train" for r in ok), "images": len(mine),
                      **({"refused_refs": len(refs) - len(ok)} if len(ok) < len(refs) else {})})
     if not used:
-        raise ReferFormatError(root, "holds none of " + ", ".join(
-            str(refs_path(".", d, s))[2:] for d, s in sources))
+        raise ReferFormatError(root, "holds none of " + ", ".join(f"{d}/refs({s}).p" for d, s in sources))
     provenance = {"rule": "image_id of every ref whose split is not 'train' (DATA_FORMATS.md 2.2)",
                   "files": used, "missing": missing}
     return ids, provenance

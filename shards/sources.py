@@ -184,7 +184,9 @@ def _read_pass(src: Source, shards: list[str], keep: Optional[tuple[int, int]], 
             continue
         try:
             meta = json.loads(sample["json"])
-            int(meta["width"]), int(meta["height"])
+            if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and not isinstance(meta[k], bool)
+                                                     and meta[k] > 0 for k in ("width", "height")):
+                raise ValueError("no positive integer width/height")
         except (ValueError, KeyError, TypeError) as e:
             skips.add("bad_json", f"{key}: {e}")
             continue
@@ -218,7 +220,8 @@ def endless_source(src: Source, index: int, part: str, *, seed: int, epoch: int,
 
 
 def _has_part(meta: dict, part: str) -> bool:
-    return bool(meta.get("captions")) if part == "image" else bool(meta.get("regions"))
+    value = meta.get("captions") if part == "image" else meta.get("regions")
+    return isinstance(value, list) and bool(value)
 
 
 def mix_sources(streams: list[Iterator[Raw]], weights: list[float], rng: np.random.Generator) -> Iterator[Raw]:

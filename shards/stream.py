@@ -184,7 +184,8 @@ class PretrainStream(IterableDataset):
             plan = BatchPlan(images=[])
             while len(plan.images) < s.batch_size:
                 raw = _next(images, "image-text")
-                caps = [c for c in (clean_caption(c, s.max_words) for c in raw.meta.get("captions") or []) if c]
+                caps = [c for c in (clean_caption(c, s.max_words) for c in raw.meta.get("captions") or []
+                                    if isinstance(c, str)) if c]
                 if not caps:
                     self.skips.add("no_caption", raw.key)
                     continue
@@ -196,7 +197,7 @@ class PretrainStream(IterableDataset):
                 for r in raw.meta.get("regions") or []:
                     t = clean_caption(r.get("text", ""), s.max_words) if isinstance(r, dict) else ""
                     b = r.get("bbox") if isinstance(r, dict) else None
-                    if t and isinstance(b, (list, tuple)) and len(b) == 4:
+                    if t and _finite_box(b):
                         regs.append((tuple(float(x) for x in b), t))
                 rp = plan_region_crop(int(raw.meta["width"]), int(raw.meta["height"]), regs, rng,
                                       max_texts=min(s.texts_per_image, s.region_texts - n_texts))
@@ -301,6 +302,11 @@ class PretrainStream(IterableDataset):
 
 class _AllFailed(Exception):
     pass
+
+
+def _finite_box(b: Any) -> bool:
+    return (isinstance(b, (list, tuple)) and len(b) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in b))
 
 
 def _next(it: Iterator[Raw], what: str) -> Raw:

@@ -502,6 +502,39 @@ def pretrain_loader_counts_bombs_and_lying_headers(tmp, capsys, tok):
     return "skip"
 
 
+@case(4)
+def pretrain_loader_hostile_records(tmp, capsys, tok):
+    from shards.stream import build_pretrain_loader
+
+    def record(source, i, rng, **kw):
+        rec, jpg = pretrain_record(source, i, rng, **kw)
+        if i == 1:
+            rec["captions"] = "a string, not a list"           # would be read as one caption per character
+        if i == 2:
+            rec["regions"] = [{"bbox": ["a", 1, 2, 3], "text": "red car", "kind": "object"},
+                              {"bbox": [float("nan"), 1, 5, 5], "text": "blue car", "kind": "object"}]
+        if i == 3:
+            rec["width"] = 0
+        return rec, jpg
+    d = write_shards(tmp / "sh", "coco", 1, 6, record=record)
+    loader = build_pretrain_loader(data_cfg([{"name": "coco", "shards": str(d)}], batches_per_epoch=2), tok,
+                                   rank=0, world_size=1, epoch=0, seed=0, record_keys=True)
+    batches = list(loader)
+    assert len(batches) == 2 and loader.skips["bad_json"] >= 1, loader.skips
+    image_keys = [k for keys in loader.keys for k in keys[:4]]
+    assert "coco-1" not in image_keys and "coco-3" not in image_keys, image_keys
+    return "skip"
+
+
+@case(1)
+def exclude_refer_on_a_folder_without_refs(tmp, capsys):
+    img_dir, cap = coco_with(tmp, good_images(), caption_anns())
+    (tmp / "norefs").mkdir()
+    return one_line_error(*run_shards(capsys, "coco", "--images", str(img_dir), "--captions", str(cap),
+                                      "--exclude-refer", str(tmp / "norefs"), "--out", str(tmp / "out"))[:2],
+                          "holds none of refcoco/refs(unc).p, refcoco+/refs(unc).p, refcocog/refs(umd).p")
+
+
 @case(1)
 def grounding_loader_skips_undecodable_training_images(tmp, capsys, tok):
     from shards.index import build_grounding_loader
