@@ -174,8 +174,12 @@ def _claim(out: Path, source: str, args: dict) -> None:
 
 
 def _owner_args(args: Any) -> Any:
-    """The arguments that identify a build (not where it writes, not how many workers)."""
-    return {k: v for k, v in args.items() if k not in ("workers", "out")} if isinstance(args, dict) else args
+    """The arguments that identify a build (not where it writes, not how many workers; input paths resolved, so
+    `coco/train2017` and `./coco/train2017/` are one build)."""
+    if not isinstance(args, dict):
+        return args
+    return {k: os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+            for k, v in args.items() if k not in ("workers", "out")}
 
 
 def _remove_stale(out: Path, n_shards: int) -> None:

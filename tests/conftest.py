@@ -34,6 +34,6 @@ def tok(tmp_path_factory):
 
 def pytest_terminal_summary(terminalreporter):
     """The bad-input corpus's tally (tests/test_bad_inputs.py), when it ran."""
-    mod = sys.modules.get("test_bad_inputs")
+    mod = sys.modules.get("badcorpus")
     if mod is not None and getattr(mod, "TALLY", None):
         terminalreporter.write_line(mod.summary())
