@@ -81,6 +81,13 @@ class OptimConfig:
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio", "head_lr_mult", "step_gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.step_milestones):
+            raise ConfigError(f"optim.step_milestones: expected positive step numbers, got {self.step_milestones!r}")
 
 
 @dataclass
@@ -142,6 +149,8 @@ class RunConfig:
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nan_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"run.seed: must be >= 0, got {self.seed}")
         if not 0 < self.requeue_exit_code < 256:
             raise ConfigError(f"run.requeue_exit_code: must be in 1..255, got {self.requeue_exit_code}")
 

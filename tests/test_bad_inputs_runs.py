@@ -47,7 +47,7 @@ def pretrain_cli(capsys, *argv: str) -> tuple[int, list[str]]:
     return rc, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
 
 
-@case(7)
+@case(10)
 def pretrain_config_mistakes(tmp, capsys):
     shards = write_shards(tmp / "coco", "coco", 1, 2)
     smoke = str(ROOT / "configs" / "pretrain" / "smoke.yaml")
@@ -64,7 +64,10 @@ def pretrain_config_mistakes(tmp, capsys):
             (["--config", smoke, f"data.sources=[{{name: coco, shards: {shards}, wieght: 5}}]"],
              "data.sources[0]: unknown key 'wieght'"),
             (["--config", smoke, f"data.sources=[{{name: coco, shards: {shards}, weight: .inf}}]"], "weight must be"),
-            (["--config", smoke, src, f"run.out_dir={blocker}/run"], "a_file/run: cannot create")):
+            (["--config", smoke, src, f"run.out_dir={blocker}/run"], "a_file/run: cannot create"),
+            (["--config", smoke, src, "run.seed=-1"], "run.seed: must be >= 0"),
+            (["--config", smoke, src, "optim.weight_decay=-0.1"], "optim.weight_decay: must be >= 0"),
+            (["--config", smoke, src, "optim.step_milestones=[-5]"], "optim.step_milestones")):
         one_line_error(*pretrain_cli(capsys, *argv), needle)
     return "error"
 
