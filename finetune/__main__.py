@@ -19,6 +19,7 @@ from finetune.checkpoint import adopt_pretrained_architecture, load_pretrained
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_model, split_dir
 from pretrain.config import ConfigError, load_config
+from shards.inputs import InputError, writable_dir
 from shards.stream import DataError
 
 
@@ -37,6 +38,7 @@ def prepare(cfg: FinetuneConfig):
     from pretrain.tokenizer import resolve_tokenizer_dir
     from shards.text import build_tokenizer
 
+    writable_dir(cfg.run.out_dir, "run.out_dir")
     cfg = adopt_pretrained_architecture(cfg)
     tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
     train_dir = split_dir(cfg.data.shards, cfg.data.train_split)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(FinetuneConfig, args.config, args.overrides)
         prepare(cfg)                            # fail fast, with one line, on bad paths
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pretrain.engine import TrainingDiverged
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from finetune.metrics import format_table

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import (ConfigError, EngineConfig, OptimConfig, RunConfig, TextConfig, VisionConfig,
+from pretrain.config import (ConfigError, check_min, EngineConfig, OptimConfig, RunConfig, TextConfig, VisionConfig,
                              load_config, save_config)
 
 __all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig", "GroundingLossConfig",
@@ -86,6 +86,10 @@ class GroundingDataConfig:
     num_workers: int = 4
     batches_per_epoch: int = 0              # 0 = one pass over the train split per epoch (per rank)
 
+    def validate(self) -> None:
+        check_min("data", self, {"image_size": 16, "max_len": 3, "batch_size": 1, "num_workers": 0,
+                                 "batches_per_epoch": 0})
+
 
 @dataclass
 class EvalConfig:
@@ -93,6 +97,9 @@ class EvalConfig:
     batch_size: int = 32
     dump: bool = False                      # per-expression predictions: <out_dir>/eval/<split>.jsonl (final),
                                             # eval/step<N>/<split>.jsonl (run.eval_every evaluations)
+
+    def validate(self) -> None:
+        check_min("eval", self, {"batch_size": 1})
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -152,16 +153,22 @@ def read_predictions(path: str | Path) -> tuple[dict[tuple[int, int], dict], dic
         raise FileNotFoundError(f"{p}: predictions file not found")
     preds: dict[tuple[int, int], dict] = {}
     skipped = {"malformed": 0, "duplicate": 0}
-    for line in p.read_text().splitlines():
+    for line in p.read_bytes().splitlines():
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            key = (int(obj["ref_id"]), int(obj.get("sentence", 0)))
-            box = [float(v) for v in obj["bbox"]]
-            if len(box) != 4:
+            obj = json.loads(line.decode("utf-8"))
+            ref_id, sent = obj["ref_id"], obj.get("sentence", 0)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (ref_id, sent)):
+                raise TypeError("ref_id and sentence must be integers")
+            key = (ref_id, sent)
+            if not isinstance(obj["bbox"], list) or len(obj["bbox"]) != 4 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in obj["bbox"]):
                 raise ValueError("bbox")
-        except (ValueError, KeyError, TypeError):
+            box = [float(v) for v in obj["bbox"]]
+            if not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
+                raise ValueError("bbox not finite or negative size")
+        except (ValueError, KeyError, TypeError, AttributeError):   # UnicodeDecodeError is a ValueError
             skipped["malformed"] += 1
             continue
         if key in preds:
@@ -231,9 +238,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.config import ConfigError
+    from shards.inputs import InputError, writable_dir, write_text_file
     from shards.stream import DataError
 
     try:
+        if args.dump:
+            writable_dir(args.dump, "--dump folder")
+        if args.out:
+            writable_dir(Path(args.out).parent, "folder of --out")
         dirs = {s: split_dir(args.data, s) for s in args.split}
         results: dict[str, dict] = {}
         if args.predictions:
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             rank = 0
         else:
             results, rank = _evaluate_checkpoint(args, dirs)
-    except (FileNotFoundError, ConfigError, DataError, ValueError) as e:
+    except (FileNotFoundError, ConfigError, DataError, ValueError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
@@ -251,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         out = results[args.split[0]] if len(results) == 1 else results
         text = json.dumps(out, indent=2)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            try:
+                write_text_file(args.out, text + "\n")
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         print(json.dumps(out))
     return 0
 

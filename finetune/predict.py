@@ -99,13 +99,15 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str]], int]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: pairs file not found")
     pairs, bad = [], 0
-    for line in p.read_text().splitlines():
+    for line in p.read_bytes().splitlines():
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            pairs.append((str(obj["image"]), str(obj["text"])))
-        except (ValueError, KeyError, TypeError):
+            obj = json.loads(line.decode("utf-8"))
+            if not isinstance(obj["image"], str) or not isinstance(obj["text"], str):
+                raise TypeError("image and text must be strings")
+            pairs.append((obj["image"], obj["text"]))
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             bad += 1
     return pairs, bad
 
@@ -133,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.checkpoint import load_finetuned
     from pretrain.config import ConfigError
     from shards.decode import DecodeError
+    from shards.inputs import InputError, writable_dir
 
     try:
+        if args.text is not None and not args.text.strip():
+            raise InputError("--text", "empty expression (nothing to ground)")
+        if args.out:
+            writable_dir(Path(args.out).parent, "folder of --out")
+        if args.out_dir:
+            writable_dir(args.out_dir, "--out-dir")
         if args.image:
             read_image(args.image)              # a bad path fails before the model loads
         pairs, bad = read_pairs(args.pairs) if args.pairs else ([(args.image, args.text)], 0)
         model, cfg, tokenizer = load_finetuned(args.checkpoint, args.device)
-    except (FileNotFoundError, ConfigError, DecodeError) as e:
+    except (FileNotFoundError, ConfigError, DecodeError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kw = {"image_size": cfg.data.image_size, "max_len": cfg.data.max_len, "device": args.device,
@@ -151,18 +160,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.image}: not a readable image ({e})", file=sys.stderr)
             return 2
         pred = predict_image(model, image, args.text, tokenizer, **kw)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        draw_prediction(to_pil(image), pred["bbox"], pred["mask"], args.text).save(args.out, format="PNG")
+        try:
+            draw_prediction(to_pil(image), pred["bbox"], pred["mask"], args.text).save(args.out, format="PNG")
+        except OSError as e:
+            print(f"error: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
         print(json.dumps({"image": args.image, "text": args.text, "bbox": pred["bbox"], "out": args.out}))
         return 0
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines, skipped = [], {"bad_line": bad, "bad_image": 0}
+    lines, skipped = [], {"bad_line": bad, "bad_image": 0, "empty_text": 0}
     for i, (img_path, text) in enumerate(pairs):
+        if not text.strip():
+            print(f"skipped: line {i + 1}: empty expression", file=sys.stderr)
+            skipped["empty_text"] += 1
+            continue
         try:
             image = read_image(img_path)
-        except (FileNotFoundError, DecodeError) as e:
-            print(f"skipped: {e}", file=sys.stderr)
+        except (FileNotFoundError, DecodeError, OSError) as e:
+            print(f"skipped: {img_path}: {e}", file=sys.stderr)
             skipped["bad_image"] += 1
             continue
         pred = predict_image(model, image, text, tokenizer, **kw)

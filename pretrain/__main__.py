@@ -31,15 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from shards.inputs import InputError, writable_dir
     from shards.stream import DataError, parse_sources
 
     try:
+        writable_dir(cfg.run.out_dir, "run.out_dir")
         parse_sources(cfg.data.sources)              # fail fast on missing shard paths, on every rank
         from pretrain.tokenizer import resolve_tokenizer_dir
         from shards.text import build_tokenizer
 
         tokenizer = build_tokenizer(resolve_tokenizer_dir(cfg))
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info.rank == 0:

@@ -22,14 +22,16 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from pretrain import distributed as du
 from pretrain.config import save_config
+from pretrain.safe_load import CheckpointError, load_pt, weights_only_loads
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -42,7 +44,11 @@ def tag_for(step: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain data only (so `load_pt` reads them with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,7 +56,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -58,11 +66,31 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- latest pointer
 def read_latest(ckpt_dir: str | Path) -> str | None:
-    p = Path(ckpt_dir) / "latest"
-    if not p.is_file():
-        return None
-    tag = p.read_text().strip()
-    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+    """The tag `latest` names when that tag is a complete checkpoint, else None (see `resume_candidates`)."""
+    tag, problem = _pointer(ckpt_dir)
+    return tag if problem is None else None
+
+
+def _pointer(ckpt_dir: str | Path) -> tuple[str | None, str | None]:
+    """(tag, None) when `latest` names a complete checkpoint; (None, "absent") without a pointer file;
+    otherwise (None, what is wrong with it)."""
+    d = Path(ckpt_dir)
+    p = d / "latest"
+    if not p.exists():
+        return None, "absent"
+    try:
+        tag = p.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if not tag:
+        return None, "empty"
+    if not TAG_RE.match(tag):
+        return None, f"names {tag[:60]!r}, not a step_XXXXXXXX checkpoint"
+    if not (d / tag).is_dir():
+        return None, f"names {tag}, which does not exist"
+    if not is_complete(d, tag):
+        return None, f"names {tag}, which is partial (no '{COMPLETE}' marker)"
+    return tag, None
 
 
 def write_latest(ckpt_dir: str | Path, tag: str) -> None:
@@ -94,15 +122,15 @@ def is_complete(ckpt_dir: str | Path, tag: str) -> bool:
     return (Path(ckpt_dir) / tag / COMPLETE).is_file()
 
 
-def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
-    """Delete all tags but the newest `keep` complete ones (and `latest`); partial tags of killed saves go too.
-    Call only between saves (rank 0, after `latest` moved)."""
+def prune(ckpt_dir: str | Path, keep: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Delete all tags but the newest `keep` complete ones, `latest` and `protect` (the checkpoint this run
+    resumed from); partial tags of killed saves go too. Call only between saves (rank 0, after `latest` moved)."""
     latest = read_latest(ckpt_dir)
     if latest is None:
         return []
     tags = list_tags(ckpt_dir)
     complete = [t for t in tags if is_complete(ckpt_dir, t)]
-    keep_set = set(complete[-keep:]) | {latest}
+    keep_set = set(complete[-keep:]) | {latest} | set(protect)
     removed = [t for t in tags if t not in keep_set]
     for t in removed:
         shutil.rmtree(Path(ckpt_dir) / t, ignore_errors=True)
@@ -110,8 +138,10 @@ def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. `engine` is a DeepSpeedEngine or a PlainEngine (same methods)."""
+def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict, keep: int,
+                    protect: tuple[str, ...] = ()) -> Path:
+    """Collective: every rank calls it. `engine` is a DeepSpeedEngine or a PlainEngine (same methods).
+    `protect` names tags pruning must keep (the one this run resumed from)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     if du_rank() == 0:
@@ -125,7 +155,7 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     if du_rank() == 0:
         (ckpt_dir / tag / COMPLETE).write_text(f"step {step}\n")
         write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, keep)
+        prune(ckpt_dir, keep, protect)
     du.barrier()
     return ckpt_dir / tag
 
@@ -134,32 +164,95 @@ def du_rank() -> int:
     return torch.distributed.get_rank() if du.is_dist() else 0
 
 
-def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> tuple[Path, str] | None:
-    """(checkpoint dir, tag) to resume from, or None. `latest` means this run's newest complete checkpoint;
-    a path may name a checkpoints dir (uses its `latest`) or one tag dir inside it."""
+def resume_candidates(resume: str | None, ckpt_dir: str | Path,
+                      warn: Callable[[str], None] | None = None) -> list[tuple[Path, str]]:
+    """Checkpoints to try, best first, as (checkpoints dir, tag); [] for a fresh start.
+
+    `latest` means this run's checkpoints dir; a path may name a checkpoints dir, a run dir holding
+    `checkpoints/`, or one step_XXXXXXXX dir. The tag `latest` names comes first; when the pointer is empty,
+    unreadable or names a missing or partial tag, the newest complete tags come instead, after a warning.
+    No pointer and no complete tag is a fresh start (for `latest`) or an error (for a path); a bad pointer
+    with no complete tag to fall back to is an error. Older complete tags follow as fall-backs for a
+    checkpoint that turns out to be unreadable."""
+    warn = warn or _warn
     if resume is None or resume == "":
-        return None
+        return []
     if resume == "latest":
-        tag = read_latest(ckpt_dir)
-        return (Path(ckpt_dir), tag) if tag else None
-    p = Path(resume)
-    if (p / "latest").is_file() and read_latest(p):
-        return p, read_latest(p)
-    if p.is_dir() and TAG_RE.match(p.name):
-        return p.parent, p.name
-    raise FileNotFoundError(f"run.resume: no checkpoint at {p} (expected a checkpoints dir with 'latest' or a "
-                            f"step_XXXXXXXX dir)")
+        d = Path(ckpt_dir)
+    else:
+        p = Path(resume)
+        if p.is_dir() and TAG_RE.match(p.name):
+            if not is_complete(p.parent, p.name):
+                raise CheckpointError(p, f"run.resume names a partial checkpoint (no '{COMPLETE}' marker)")
+            return [(p.parent, p.name)]
+        d = p / "checkpoints" if (p / "checkpoints").is_dir() and not (p / "latest").exists() else p
+        if not d.is_dir():
+            raise CheckpointError(p, "run.resume: no such checkpoint directory (expected a checkpoints dir with "
+                                     "'latest', a run dir or a step_XXXXXXXX dir)")
+    complete = [t for t in reversed(list_tags(d)) if is_complete(d, t)]
+    tag, problem = _pointer(d)
+    if tag is not None:
+        return [(d, tag)] + [(d, t) for t in complete if t != tag]
+    if not complete:
+        if problem == "absent" and resume == "latest":
+            return []
+        what = "no 'latest' pointer" if problem == "absent" else f"'latest' {problem}"
+        raise CheckpointError(d / "latest" if problem != "absent" else d,
+                              f"{what} and no complete checkpoint to fall back to")
+    warn(f"warning: {d / 'latest'}: {'missing' if problem == 'absent' else problem}; resuming from the newest "
+         f"complete checkpoint {complete[0]}")
+    return [(d, t) for t in complete]
 
 
-def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str) -> dict:
-    """Load weights/optimizer/schedule into `engine`, restore this rank's RNG; returns the client state."""
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> tuple[Path, str] | None:
+    """The first of `resume_candidates`, or None for a fresh start."""
+    c = resume_candidates(resume, ckpt_dir)
+    return c[0] if c else None
+
+
+def _warn(msg: str) -> None:
+    if du_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+CLIENT_KEYS = ("step", "samples_seen", "epoch", "batch_in_epoch")
+
+
+def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str, warn: Callable[[str], None] | None = None) -> dict:
+    """Load weights/optimizer/schedule into `engine`, restore this rank's RNG; returns the client state.
+
+    Every file is read with `weights_only=True` (`pretrain.safe_load`). A missing data position is an error;
+    a missing RNG file a loud warning (the run continues, but not bit-exactly) and `client_state["rng_restored"]`
+    is False."""
+    warn = warn or _warn
+    tag_dir = Path(ckpt_dir) / tag
+    with weights_only_loads():
+        try:
+            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, OSError, AssertionError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(tag_dir, f"cannot be loaded into this model ({type(e).__name__}: {first[:200]})") from None
     if load_path is None:
-        raise RuntimeError(f"could not load checkpoint {Path(ckpt_dir) / tag}")
-    rng_file = Path(ckpt_dir) / tag / f"rng_rank{du_rank()}.pt"
+        raise CheckpointError(tag_dir / MODEL_STATES, "missing or unreadable")
+    state = dict(client_state or {})
+    missing = [k for k in CLIENT_KEYS if not isinstance(state.get(k), int)]
+    if missing:
+        raise CheckpointError(tag_dir / MODEL_STATES, f"holds no data position ({', '.join(missing)} missing)")
+    rng_file = tag_dir / f"rng_rank{du_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return dict(client_state or {})
+        rng = load_pt(rng_file)
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(rng_file, f"not an RNG state ({type(e).__name__}: {e})") from None
+        state["rng_restored"] = True
+    else:
+        print(f"WARNING: {rng_file}: missing; the RNG state is not restored, so this resumed run will not "
+              f"repeat the uninterrupted run exactly", file=sys.stderr, flush=True)
+        state["rng_restored"] = False
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- consolidated
@@ -168,14 +261,23 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dic
     ckpt_dir = Path(ckpt_dir)
     tag = tag or read_latest(ckpt_dir)
     if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no 'latest' checkpoint")
+        raise CheckpointError(ckpt_dir, "no complete checkpoint that 'latest' names")
     tag_dir = ckpt_dir / tag
     if any(tag_dir.glob("*optim_states.pt")):   # ZeRO 1-3 (and bf16) keep the fp32 master copy here
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        with weights_only_loads():
+            try:
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            except CheckpointError:
+                raise
+            except (RuntimeError, KeyError, ValueError, TypeError, OSError, AssertionError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CheckpointError(tag_dir, f"not a readable DeepSpeed checkpoint ({first[:200]})") from None
     else:
-        states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-        sd = states["module"]
+        states = load_pt(tag_dir / MODEL_STATES)
+        sd = states.get("module") if isinstance(states, dict) else None
+        if not isinstance(sd, dict):
+            raise CheckpointError(tag_dir / MODEL_STATES, "holds no 'module' state dict")
     return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
             for k, v in sd.items()}
 
@@ -196,19 +298,29 @@ def export_consolidated(ckpt_dir: str | Path, out_dir: str | Path, cfg: Any = No
 
 
 def load_consolidated(path: str | Path) -> dict[str, torch.Tensor]:
-    """Task weights from an export dir, a run dir, a .safetensors file or a DeepSpeed checkpoint dir."""
-    from safetensors.torch import load_file
-
+    """Task weights from an export dir, a run dir, a .safetensors file or a DeepSpeed checkpoint dir.
+    Nothing here unpickles with `weights_only=False`; bad files are `CheckpointError`s (one line)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
-        return load_file(str(p))
+        return read_safetensors(p)
     for cand in (p / "model.safetensors", p / "export" / "model.safetensors"):
         if cand.is_file():
-            return load_file(str(cand))
+            return read_safetensors(cand)
     if p.is_dir() and (p / "latest").is_file():
         return consolidated_state_dict(p)
     if p.is_dir() and TAG_RE.match(p.name):
         return consolidated_state_dict(p.parent, p.name)
     if (p / "checkpoints" / "latest").is_file():
         return consolidated_state_dict(p / "checkpoints")
-    raise FileNotFoundError(f"{p}: not a .safetensors file, an export dir or a checkpoint dir")
+    raise CheckpointError(p, "not a .safetensors file, an export dir or a checkpoint dir")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` with one-line errors for truncated or corrupt files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(path, f"not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None

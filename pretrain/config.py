@@ -11,6 +11,7 @@ naming the dotted key, so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,13 @@ class OptimConfig:
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio", "head_lr_mult", "step_gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.step_milestones):
+            raise ConfigError(f"optim.step_milestones: expected positive step numbers, got {self.step_milestones!r}")
 
 
 @dataclass
@@ -142,6 +150,8 @@ class RunConfig:
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nan_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"run.seed: must be >= 0, got {self.seed}")
         if not 0 < self.requeue_exit_code < 256:
             raise ConfigError(f"run.requeue_exit_code: must be in 1..255, got {self.requeue_exit_code}")
 
@@ -149,6 +159,14 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------
 # Generic machinery
 # ----------------------------------------------------------------------------------------------
+def check_min(section: str, obj: Any, minimums: dict[str, int]) -> None:
+    """ConfigError naming `section.field` for the first numeric field below its minimum."""
+    for name, lo in minimums.items():
+        v = getattr(obj, name)
+        if v is not None and v < lo:
+            raise ConfigError(f"{section}.{name}: must be >= {lo}, got {v}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -188,14 +206,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):          # YAML reads 1e-4 (no dot) as a string
+            out = float(value)
+        elif isinstance(value, str):        # YAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if out is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -260,7 +283,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: unreadable ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: malformed YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -331,6 +358,15 @@ class PretrainDataConfig:
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
     normalize_in_loader: bool = False       # false: workers send uint8 images (4x fewer bytes); the step normalises
+
+    def validate(self) -> None:
+        check_min("data", self, {"batch_size": 1, "num_workers": 0, "batches_per_epoch": 1, "image_size": 1,
+                                 "max_words": 1, "texts_per_image": 1, "region_texts": 0, "region_images": 0,
+                                 "max_masks": 0, "shuffle_buffer": 1, "max_tokens": 3})
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ConfigError(f"data.mask_prob: must be in [0, 1], got {self.mask_prob}")
+        if self.region_texts > 0 and self.region_images < 1:
+            raise ConfigError("data.region_images: must be >= 1 when data.region_texts > 0")
 
 
 @dataclass

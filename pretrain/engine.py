@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -70,13 +71,16 @@ class _Data:
         self.batch_in_epoch = batch_in_epoch
         self.short_epochs = 0
         self._it: Iterator[dict] | None = None
+        self._loader: Any = None
+        self._done_skips: Counter = Counter()       # skips of finished epochs (this process, since start/resume)
 
     def next(self) -> dict:
         for _ in range(3):
             if self.batch_in_epoch >= self.batches_per_epoch:
                 self._next_epoch()
             if self._it is None:
-                self._it = iter(self.make_loader(self.epoch, self.batch_in_epoch))
+                self._loader = self.make_loader(self.epoch, self.batch_in_epoch)
+                self._it = iter(self._loader)
             try:
                 batch = next(self._it)
             except StopIteration:           # loader shorter than batches_per_epoch: count it, move on
@@ -88,9 +92,24 @@ class _Data:
         raise RuntimeError("the data loader yields no batches")
 
     def _next_epoch(self) -> None:
+        self._done_skips += self._loader_skips()
+        self._loader = None
         self.epoch += 1
         self.batch_in_epoch = 0
         self._it = None
+
+    def _loader_skips(self) -> Counter:
+        skips = getattr(self._loader, "skips", None)
+        return Counter({str(k): int(v) for k, v in dict(skips).items()}) if skips else Counter()
+
+    def skips(self) -> dict[str, int]:
+        """Samples the loaders skipped so far, by reason, summed over ranks (collective when distributed)."""
+        mine = self._done_skips + self._loader_skips()
+        if du.is_dist():
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, dict(mine))
+            mine = sum((Counter(p) for p in parts), Counter())
+        return dict(sorted(mine.items()))
 
 
 def _build_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPlan):
@@ -143,9 +162,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     count = samples_per_batch or default_samples
 
     step, samples_seen, epoch, batch_in_epoch = 0, 0, 0, 0
-    resume = ckpt.resolve_resume(cfg.run.resume, ckpt_dir)
+    resume, state = _resume(cfg, engine, ckpt_dir)
     if resume is not None:
-        state = ckpt.load_checkpoint(engine, *resume)
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         epoch, batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
     data = _Data(make_loader, batches_per_epoch, epoch, batch_in_epoch)
@@ -153,9 +171,9 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     if resume is not None:
         tracker.truncate_after(step)
         tracker.message(f"resumed from {resume[0] / resume[1]} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1])})
-    flops = getattr(task, "flops_per_sample", None)
-    flops_per_sample = float(flops()) if callable(flops) else None
+        tracker.log(step, {"event": "resume", "checkpoint": str(resume[0] / resume[1]),
+                           "rng_restored": bool(state.get("rng_restored", True))})
+    flops_per_sample = _flops_per_sample(task)
     peak = peak_flops(device, cfg.engine.precision)
 
     nan_streak, nan_total, last_loss, last_saved, last_eval = 0, 0, float("nan"), None, None
@@ -217,6 +235,7 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                               "samples_seen": samples_seen, "nonfinite_skipped": nan_total}
                     if flops_per_sample and peak:
                         record["mfu"] = flops_per_sample * sps / peak
+                    record.update({f"skipped/{k}": v for k, v in data.skips().items()})
                     tracker.log(step, record)
                     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
                 if evaluate is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0 \
@@ -225,7 +244,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                 if step % cfg.run.save_every == 0 or step == cfg.optim.total_steps or stop:
                     last_saved = ckpt.save_checkpoint(engine, ckpt_dir, step,
                                                       _client_state(step, samples_seen, data),
-                                                      cfg.run.keep_checkpoints)
+                                                      cfg.run.keep_checkpoints,
+                                                      protect=(resume[1],) if resume is not None else ())
                 if stop:
                     tracker.message(f"preemption signal: saved {last_saved} at step {step}; exiting with "
                                     f"{cfg.run.requeue_exit_code} for requeue")
@@ -239,6 +259,9 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
 
     if evaluate is not None:
         last_eval = _evaluate(evaluate, engine, step, tracker)
+    skipped = data.skips()
+    if skipped:
+        tracker.message("loader skipped samples: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
     export = None
     if cfg.run.export and last_saved is not None:
         if info.is_main:
@@ -247,11 +270,46 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
         export = export or out_dir / "export"
     tracker.close()
     return {"steps": step, "final_loss": last_loss, "samples_seen": samples_seen, "epoch": data.epoch,
-            "short_epochs": data.short_epochs,
+            "short_epochs": data.short_epochs, "skipped": skipped,
             "nonfinite_skipped": nan_total, "history": str(out_dir / "metrics.jsonl"),
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,
             "world_size": plan.world}
+
+
+def _flops_per_sample(task: nn.Module) -> float | None:
+    """The task's FLOPs per sample, measured without touching the RNG streams training reads: a task may count
+    them with a dummy forward pass in training mode (dropout, Mask Grounding's random masking), which after a
+    resume would shift every later random draw away from the uninterrupted run's."""
+    flops = getattr(task, "flops_per_sample", None)
+    if not callable(flops):
+        return None
+    state = ckpt.rng_state()
+    try:
+        return float(flops())
+    finally:
+        ckpt.set_rng_state(state)
+
+
+def _resume(cfg: Any, engine: Any, ckpt_dir: Path) -> tuple[tuple[Path, str] | None, dict]:
+    """The checkpoint this run continues from and its client state, or (None, {}) for a fresh start.
+    Falls back past unreadable checkpoints (with a warning); refuses to start afresh over an earlier run's
+    complete checkpoints, which its saves would overwrite."""
+    candidates = ckpt.resume_candidates(cfg.run.resume, ckpt_dir)
+    if not candidates:
+        if cfg.run.resume in (None, "") and any(ckpt.is_complete(ckpt_dir, t) for t in ckpt.list_tags(ckpt_dir)):
+            raise ckpt.CheckpointError(ckpt_dir, "holds an earlier run's checkpoints and run.resume is null; set "
+                                                 "run.resume=latest to continue it, or choose another run.out_dir")
+        return None, {}
+    errors = []
+    for d, tag in candidates:
+        try:
+            return (d, tag), ckpt.load_checkpoint(engine, d, tag)
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+            if du.discover().is_main and len(candidates) > 1:
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+    raise ckpt.CheckpointError(candidates[0][0], f"no checkpoint could be loaded (first: {errors[0]})")
 
 
 def _lr_of(engine: Any) -> float:

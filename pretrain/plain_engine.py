@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import MODEL_STATES
+from pretrain.safe_load import CheckpointError, load_pt
 
 
 class PlainEngine:
@@ -86,10 +87,12 @@ class PlainEngine:
 
     def load_checkpoint(self, load_dir: str, tag: str):
         path = Path(load_dir) / tag / MODEL_STATES
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_pt(path, map_location=self.device)
+        if not isinstance(state, dict) or not {"module", "optimizer", "lr_scheduler"} <= state.keys():
+            raise CheckpointError(path, "not a checkpoint of this loop (no module/optimizer/lr_scheduler)")
         self.module.load_state_dict(state.pop("module"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
-        self.global_steps = state.pop("global_steps")
-        self.micro_steps = state.pop("micro_steps")
+        self.global_steps = int(state.pop("global_steps", 0))
+        self.micro_steps = int(state.pop("micro_steps", 0))
         return str(path), state

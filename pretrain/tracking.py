@@ -68,6 +68,15 @@ def _wandb_id(out_dir: Path) -> str:
     return rid
 
 
+def _step_of(row: str) -> int | None:
+    try:
+        obj = json.loads(row)
+        step = obj.get("step", 0) if isinstance(obj, dict) else None
+        return step if isinstance(step, int) else None
+    except ValueError:
+        return None
+
+
 class Tracker:
     """Rank-0 logging sink; on other ranks every method is a no-op."""
 
@@ -90,8 +99,8 @@ class Tracker:
         resumed run logs them again). Returns the number of rows dropped."""
         if not self.is_main or not self.metrics_path.is_file():
             return 0
-        rows = self.metrics_path.read_text().splitlines()
-        keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        rows = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        keep = [r for r in rows if _step_of(r) is not None and _step_of(r) <= step]   # a torn last line goes too
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in keep))
         os.replace(tmp, self.metrics_path)

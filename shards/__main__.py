@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+    except OSError as e:   # missing, unreadable or unwritable paths (read-only --out, a file where a folder goes)
+        print(f"error: {e.filename or e.filename2 or 'path'}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

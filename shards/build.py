@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from shards.images import BadImage, encode_jpeg, load_rgb
+from shards.inputs import InputError, writable_dir
 from shards.manifest import STATS_DIR, assemble, sample_counts, sha256_file, write_json_atomic
 from shards.masks import decode_mask
 from shards.schema import JPEG_QUALITY, MANIFEST, SCHEMA_VERSION, SHARD_PATTERN, clean_text, validate_record
@@ -60,7 +61,7 @@ def build_shards(items: Sequence[Item], out_dir: str | Path, *, source: str, arg
         dup = next(k for k, c in Counter(keys).items() if c > 1)
         raise ValueError(f"duplicate sample key {dup!r}: converters must emit one item per image")
     out = Path(out_dir)
-    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    _claim(out, source, args)
     settings = {"schema": SCHEMA_VERSION, "max_side": max_side, "samples_per_shard": samples_per_shard,
                 "jpeg_quality": JPEG_QUALITY}
     n_shards = math.ceil(len(items) / samples_per_shard)
@@ -135,6 +136,50 @@ def _finished_stats(out: Path, index: int, fingerprint: str) -> dict | None:
     if s.get("fingerprint") != fingerprint or s.get("bytes") != tar.stat().st_size:
         return None
     return s
+
+
+OWNER = "owner.json"   # in STATS_DIR: which command writes this directory
+
+
+def _claim(out: Path, source: str, args: dict) -> None:
+    """Make ``out`` this build's, or refuse (InputError) when it holds a shard set another command wrote:
+    a manifest or build record of another source or other arguments, or shard tars with no build record.
+    A rerun of the same command (resume) is this build's own."""
+    owner = {"source": source, "args": _owner_args(args)}
+    writable_dir(out)
+    rec = out / STATS_DIR / OWNER
+    theirs = None
+    if rec.is_file():
+        try:
+            theirs = json.loads(rec.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            theirs = {"source": "?", "args": "unreadable build record"}
+    elif (out / MANIFEST).is_file():
+        try:
+            m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+            theirs = ({"source": m.get("source"), "args": _owner_args(m.get("args"))} if isinstance(m, dict)
+                      else {"source": "?"})
+        except (OSError, ValueError):
+            theirs = {"source": "?", "args": "unreadable manifest"}
+    elif any(out.glob("shard-*.tar")):
+        raise InputError(out, "already holds shard-*.tar files that this build did not write; choose another "
+                              "--out or remove them")
+    if theirs is not None and theirs != owner:
+        diff = "source" if theirs.get("source") != source else "arguments"
+        raise InputError(out, f"holds a shard set written by another command ({diff} differ: "
+                              f"{theirs.get('source')!s:.40}); choose another --out or remove it")
+    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    if theirs is None:
+        write_json_atomic(rec, owner)
+
+
+def _owner_args(args: Any) -> Any:
+    """The arguments that identify a build (not where it writes, not how many workers; input paths resolved, so
+    `coco/train2017` and `./coco/train2017/` are one build)."""
+    if not isinstance(args, dict):
+        return args
+    return {k: os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+            for k, v in args.items() if k not in ("workers", "out")}
 
 
 def _remove_stale(out: Path, n_shards: int) -> None:

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from shards.imagecheck import HeaderProblem, open_checked
+
 DECODERS = ("pil", "simplejpeg", "torchvision")
 
 
@@ -27,7 +29,15 @@ class DecodeError(ValueError):
 
 
 def decode_image(data: bytes, decoder: str = "pil", min_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Decode image bytes to an RGB uint8 tensor [3,H,W]; `min_size=(w, h)` allows a DCT-downscaled decode."""
+    """Decode image bytes to an RGB uint8 tensor [3,H,W]; `min_size=(w, h)` allows a DCT-downscaled decode.
+    Every failure is a `DecodeError`: unreadable or truncated data, a decompression bomb, a JPEG header that
+    claims more pixels than the file can hold (`shards.imagecheck`)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r} (choose one of {', '.join(DECODERS)})")
+    try:
+        open_checked(data)
+    except HeaderProblem as e:
+        raise DecodeError(str(e)) from None
     try:
         if decoder == "simplejpeg":
             arr = _decode_simplejpeg(data, min_size)
@@ -42,8 +52,9 @@ def decode_image(data: bytes, decoder: str = "pil", min_size: Optional[tuple[int
         if str(e).startswith("unknown decoder"):
             raise
         raise DecodeError(str(e)) from None
-    except (OSError, RuntimeError, SyntaxError) as e:
-        raise DecodeError(str(e)) from None
+    except (OSError, RuntimeError, SyntaxError, EOFError, MemoryError, Exception) as e:  # noqa: BLE001
+        # decoders raise many types on hostile bytes (PIL's DecompressionBombError is a bare Exception)
+        raise DecodeError(f"{type(e).__name__}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from shards.schema import JPEG_QUALITY
 
-# PIL's own bomb threshold (~89.5 MP). Larger images are skipped before any pixel is decoded.
-MAX_PIXELS: int = 89_478_485
+from shards.imagecheck import MAX_PIXELS, HeaderProblem, open_checked  # noqa: E402  (MAX_PIXELS re-exported)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode as grey padding
 
 
@@ -46,26 +45,20 @@ def load_rgb(data: bytes, name: str = "", max_side: int | None = None,
     """
     repairs: list[str] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise BadImage("image_too_large", str(e)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImage("image_unreadable", str(e)) from None
+        im = open_checked(data, max_pixels)
+    except HeaderProblem as e:
+        raise BadImage(e.reason, e.detail) from None
     orig = im.size
-    if orig[0] <= 0 or orig[1] <= 0:
-        raise BadImage("image_unreadable", f"size {orig}")
-    if orig[0] * orig[1] > max_pixels:
-        raise BadImage("image_too_large", f"{orig[0]}x{orig[1]} pixels > {max_pixels}")
     if name.lower().endswith((".jpg", ".jpeg")) and im.format != "JPEG":
         repairs.append("image_not_jpeg")
     target = fit_size(*orig, max_side)
     try:
         if im.format == "JPEG" and target != orig:
             im.draft(im.mode, target)
-        im.load()
-    except Image.DecompressionBombError as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("image_too_large", str(e)) from None
     except OSError as e:
         reason = "image_truncated" if "truncated" in str(e) else "image_unreadable"

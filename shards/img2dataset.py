@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from shards.build import Item
-from shards.inputs import InputError, require_dir
+from shards.inputs import InputError, is_plain_name, require_dir
 from shards.schema import make_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -32,7 +32,10 @@ def _download_counts(tar: Path) -> Counter:
         if not isinstance(s, dict):
             raise InputError(stats_file, "expected a JSON object")
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            c[k] += int(s.get(k) or 0)
+            v = s.get(k) or 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InputError(stats_file, f"{k} {v!r:.40} is not a count")
+            c[k] += v
         return c
     parquet = tar.with_suffix(".parquet")
     if parquet.is_file():
@@ -57,24 +60,35 @@ def img2dataset_items(input_dir: str | Path, source: str) -> tuple[list[Item], d
         raise InputError(input_dir, "no img2dataset NNNNN.tar files")
     items, skips, downloads = [], Counter(), Counter()
     for tar in tars:
+        keys_here: set[str] = set()
         downloads.update(_download_counts(tar))
         try:
             with tarfile.open(tar, "r") as tf:
                 samples: dict[str, dict[str, tarfile.TarInfo]] = {}
                 for m in tf.getmembers():
-                    if m.isfile() and "." in m.name:
-                        key, ext = m.name.split("/")[-1].split(".", 1)
-                        samples.setdefault(key, {})[ext.lower()] = m
+                    base = m.name.rsplit("/", 1)[-1]
+                    if m.isfile() and "." in base:
+                        # WebDataset's key: the whole path up to the first dot of the file name, so
+                        # sub/dir/000001.jpg and 000001.jpg stay two samples
+                        head = m.name[:len(m.name) - len(base)]
+                        stem, ext = base.split(".", 1)
+                        samples.setdefault(head + stem, {})[ext.lower()] = m
                 for key, members in samples.items():
                     img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-                    meta = {}
+                    meta: dict = {}
                     if "json" in members:
                         try:
                             meta = json.loads(tf.extractfile(members["json"]).read())
                         except (json.JSONDecodeError, UnicodeDecodeError):
                             skips["metadata_malformed"] += 1
                             continue
+                        if not isinstance(meta, dict):
+                            skips["metadata_malformed"] += 1
+                            continue
                     status = meta.get("status", "success")
+                    if not isinstance(status, str) or not is_plain_name(status):
+                        skips["metadata_malformed"] += 1
+                        continue
                     if status != "success":
                         skips[f"status_{status}"] += 1
                         continue
@@ -85,9 +99,13 @@ def img2dataset_items(input_dir: str | Path, source: str) -> tuple[list[Item], d
                         caption = tf.extractfile(members["txt"]).read().decode("utf-8", "surrogateescape")
                     else:
                         caption = meta.get("caption") or ""
+                    sample_key = make_key(source, key)
+                    if sample_key in keys_here:
+                        skips["sample_key_collision"] += 1     # e.g. a/b_1 and a_b/1: both map to one tar-safe key
+                        continue
+                    keys_here.add(sample_key)
                     rec = {"source": source, "image_id": key, "captions": [caption]}
-                    items.append(Item(key=make_key(source, key), image=(str(tar), members[img_ext].name),
-                                      record=rec))
+                    items.append(Item(key=sample_key, image=(str(tar), members[img_ext].name), record=rec))
         except (tarfile.TarError, OSError) as e:
             raise InputError(tar, f"unreadable tar ({e})") from None
     ids = [it.key for it in items]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
 from shards.decode import DecodeError, decode_image
+from shards.determinism import loader_generator
 from shards.masks import decode_mask
 from shards.sources import DataError, resolve_shards
 from shards.text import clean_caption, has_direction_words
@@ -97,6 +98,18 @@ class TarIndex:
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
+def _usable_ref(r: Any) -> bool:
+    """A stored ref the dataset can train and score on: an integer id, a finite positive box, a sentence list."""
+    if not isinstance(r, dict) or not isinstance(r.get("sentences"), list):
+        return False
+    rid, b = r.get("ref_id", -1), r.get("bbox")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(b, list) or len(b) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b):
+        return False
+    return b[2] > 0 and b[3] > 0
+
+
 class GroundingDataset(Dataset):
     """One item per (ref, sentence) of the refs stored in `shard_dir` (one split, e.g. OUT/val/).
 
@@ -133,8 +146,11 @@ class GroundingDataset(Dataset):
         try:
             meta = json.loads(self.index.read(si, "json"))
             w, h = int(meta["width"]), int(meta["height"])
-            refs = [r for r in meta.get("refs") or [] if len(r["bbox"]) == 4 and r["bbox"][2] > 0 and r["bbox"][3] > 0]
-        except (ValueError, KeyError, TypeError, DecodeError) as e:
+            if not isinstance(meta, dict) or w <= 0 or h <= 0 or not isinstance(meta.get("refs") or [], list):
+                raise ValueError("not a grounding record")
+            refs = [r for r in meta.get("refs") or [] if _usable_ref(r)]
+            self.skips["bad_ref"] += len(meta.get("refs") or []) - len(refs)
+        except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as e:
             self.skips["bad_json"] += 1
             log.warning("%s: skipped (bad JSON: %s)", key, e)
             return
@@ -143,7 +159,7 @@ class GroundingDataset(Dataset):
                             "image_id": meta.get("image_id"), "ext": next(e for e in _IMAGE_EXTS if e in members)})
         for ri, r in enumerate(refs):
             for k, sent in enumerate(r.get("sentences") or []):
-                if clean_caption(sent, 1000):
+                if isinstance(sent, str) and clean_caption(sent, 1000):
                     self.items.append((img_i, ri, k))
                 else:
                     self.skips["empty_sentence"] += 1
@@ -170,10 +186,14 @@ class GroundingDataset(Dataset):
 
     def _mask(self, ref: dict, h: int, w: int) -> torch.Tensor:
         rle = ref.get("mask")
-        if rle:
+        if rle and isinstance(rle, dict):
             if list(rle.get("size", [])) == [h, w]:
-                return torch.from_numpy(decode_mask(rle).astype(np.uint8))
-            self.skips["mask_size_mismatch"] += 1
+                try:
+                    return torch.from_numpy(decode_mask(rle).astype(np.uint8))
+                except ValueError:
+                    self.skips["mask_undecodable"] += 1
+            else:
+                self.skips["mask_size_mismatch"] += 1
         else:
             self.skips["mask_from_box"] += 1
         m = torch.zeros(h, w, dtype=torch.uint8)       # no usable mask: the box region (counted)
@@ -181,19 +201,43 @@ class GroundingDataset(Dataset):
         m[int(y):int(math.ceil(y + bh)), int(x):int(math.ceil(x + bw))] = 1
         return m
 
+    def _decode(self, im: dict) -> torch.Tensor:
+        img = decode_image(self.index.read(im["sample"], im["ext"]), self.decoder)
+        if tuple(img.shape[-2:]) != (im["height"], im["width"]):
+            raise DecodeError(f"image is {tuple(img.shape[-2:])}, JSON says {(im['height'], im['width'])}")
+        return img
+
     def __getitem__(self, index: int) -> dict:
+        bad = 0
+        for attempt in range(len(self.items) if self.train else 1):
+            # training: an undecodable image is skipped (counted) and the next expression taken, deterministically;
+            # evaluation: every expression is scored once, on a grey image when its own does not decode (counted)
+            i = (index + attempt) % len(self.items)
+            img_i, ri, k = self.items[i]
+            im = self.images[img_i]
+            try:
+                img = self._decode(im)
+                break
+            except DecodeError as e:
+                bad += 1
+                self.skips["bad_image"] += 1
+                log.warning("%s: undecodable image (%s); %s", im["key"], e,
+                            "taking the next expression" if self.train else "scoring it on a grey image")
+        else:
+            img = None
+        if img is None:
+            if self.train:
+                raise DataError(f"{self.index.paths[0]}: no decodable image in the training split")
+            img = torch.full((3, im["height"], im["width"]), 124, dtype=torch.uint8)
+        item = self._item(i, img)
+        item["skipped"] = torch.tensor(bad, dtype=torch.long)
+        return item
+
+    def _item(self, index: int, img: torch.Tensor) -> dict:
         img_i, ri, k = self.items[index]
         im = self.images[img_i]
         ref = im["refs"][ri]
         h, w = im["height"], im["width"]
-        try:
-            img = decode_image(self.index.read(im["sample"], im["ext"]), self.decoder)
-            if tuple(img.shape[-2:]) != (h, w):
-                raise DecodeError(f"image is {tuple(img.shape[-2:])}, JSON says {(h, w)}")
-        except DecodeError as e:
-            self.skips["bad_image"] += 1
-            log.warning("%s: undecodable image (%s); using a grey image", im["key"], e)
-            img = torch.full((3, h, w), 124, dtype=torch.uint8)
         text = clean_caption(ref["sentences"][k], 1000)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         v = grounding_view(img, ref["bbox"], self._mask(ref, h, w), text, train=self.train, size=self.size, rng=rng,
@@ -272,6 +316,29 @@ def build_grounding_loader(shard_dir: str | Path | GroundingDataset, tokenizer: 
         sampler = ExactDistributedSampler(len(ds), rank=rank, world_size=world_size)
     if start_batch:
         sampler = _SkipFirst(sampler, start_batch * batch_size)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_grounding, drop_last=train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+    return GroundingLoader(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                      collate_fn=collate_grounding, drop_last=train,
+                                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                      generator=loader_generator(seed, epoch, rank)))
+
+
+class GroundingLoader:
+    """A DataLoader of grounding batches that counts, in `skips`, the images its workers could not decode
+    (each item reports them; the training loop logs the totals)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.skips: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            n = int(batch.pop("skipped").sum())
+            if n:
+                self.skips["bad_image"] += n
+            yield batch

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,60 @@ def require_list(path: str | Path, obj: Any, key: str) -> list:
 def _name(t: type) -> str:
     return {dict: "object", list: "list", str: "string", int: "number", float: "number",
             type(None): "null", bool: "boolean"}.get(t, t.__name__)
+
+
+def writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Create ``path`` (and parents) if needed and check that files can be created in it; InputError otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(p, f"{what} is a file, not a directory") from None
+    except OSError as e:
+        raise InputError(p, f"cannot create the {what} ({e.strerror or type(e).__name__})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise InputError(p, f"{what} is not writable")
+    return p
+
+
+def write_text_file(path: str | Path, text: str) -> None:
+    """Write an output file (parents created); InputError naming it when that is impossible."""
+    p = Path(path)
+    writable_dir(p.parent if str(p.parent) else ".", "folder of the output file")
+    try:
+        p.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise InputError(p, f"cannot write ({e.strerror or type(e).__name__})") from None
+
+
+def inside(root: str | Path, rel: str) -> Path | None:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (no absolute path, no ``..``
+    climbing out, no NUL); None otherwise. Lexical, so symlinked image folders keep working."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return None
+    norm = os.path.normpath(rel.replace("\\", "/"))
+    if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return Path(root) / norm
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def is_plain_name(name: object) -> bool:
+    """A split or folder name from data that may become a directory: a plain identifier (train, val, testA)."""
+    return isinstance(name, str) and len(name) <= 64 and SPLIT_NAME.fullmatch(name) is not None
+
+
+def is_int(v: Any) -> bool:
+    """A JSON integer (not a bool, not 1.5, not "1")."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def require_int(path: str | Path, obj: dict, key: str, where: str, *, positive: bool = False) -> int:
+    """``obj[key]`` as an int, or an InputError naming the record and the field."""
+    v = obj.get(key)
+    if not is_int(v) or (positive and v <= 0):
+        kind = "a positive integer" if positive else "an integer"
+        raise InputError(path, f"{where}: {key} {v!r:.40} is not {kind}")
+    return v

@@ -6,9 +6,9 @@ boxes and masks against the stored size and every count against the manifest.
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +16,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from shards.inputs import InputError
-from shards.manifest import COUNT_KEYS, read_manifest, sample_counts, sha256_file
+from shards.imagecheck import HeaderProblem, open_checked
+from shards.manifest import COUNT_KEYS, read_manifest, sample_counts, sha256_file, shard_path
 from shards.masks import decode_mask
 from shards.schema import MANIFEST, make_key, validate_record
 
@@ -55,17 +56,19 @@ def check_dir(d: Path) -> list[str]:
     """Every mismatch between the shards in ``d`` and its manifest (an empty list: intact)."""
     m = read_manifest(d)
     problems: list[str] = []
-    listed = {s["name"] for s in m["shards"]}
+    listed = {s["name"] for s in m["shards"]}  # read_manifest checked every entry
     for p in sorted(d.glob("shard-*.tar")):
         if p.name not in listed:
             problems.append(f"{p}: shard not in the manifest")
     records, seen = [], set()
     for s in m["shards"]:
-        p = d / s["name"]
+        p = shard_path(d, s)
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue
-        if sha256_file(p) != s["sha256"]:
+        if "sha256" not in s or "samples" not in s:
+            problems.append(f"{p}: manifest entry lacks sha256 or samples")
+        elif sha256_file(p) != s["sha256"]:
             problems.append(f"{p}: sha256 differs from the manifest")
         n = 0
         try:
@@ -74,8 +77,8 @@ def check_dir(d: Path) -> list[str]:
                 problems += [f"{p}:{key}: {x}" for x in _check_sample(key, group, seen, records)]
         except (tarfile.TarError, OSError) as e:
             problems.append(f"{p}: unreadable tar ({e})")
-        if n != s["samples"]:
-            problems.append(f"{p}: {n} samples, manifest says {s['samples']}")
+        if n != s.get("samples"):
+            problems.append(f"{p}: {n} samples, manifest says {s.get('samples')}")
     if len(records) != m.get("samples"):
         problems.append(f"{d}: {len(records)} samples, manifest says {m.get('samples')}")
     counts = sample_counts(records)
@@ -102,15 +105,18 @@ def _check_sample(key: str, group: dict[str, bytes], seen: set, records: list) -
     if make_key(rec["source"], rec["image_id"]) != key:
         problems.append(f"key does not match source/image_id {rec['source']}/{rec['image_id']}")
     try:
-        im = Image.open(io.BytesIO(group["jpg"]))
+        im = open_checked(group["jpg"])
         if im.format != "JPEG":
             problems.append(f"image is {im.format}, not JPEG")
-        im.load()
         if im.mode != "RGB":
             problems.append(f"image mode {im.mode}, not RGB")
         if im.size != (rec["width"], rec["height"]):
             problems.append(f"image is {im.size[0]}x{im.size[1]}, record says {rec['width']}x{rec['height']}")
-    except (OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+    except (HeaderProblem, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         problems.append(f"image does not decode ({e})")
     for i, ref in enumerate(rec.get("refs", [])):
         if "mask" in ref:
@@ -141,27 +147,36 @@ def describe(d: Path, samples: int) -> None:
 
 
 def _print_samples(d: Path, m: dict, samples: int) -> None:
-    shown = 0
+    shown, bad = 0, 0
     for s in m["shards"]:
         if shown >= samples:
             break
-        for key, group in iter_tar_samples(d / s["name"]):
+        for key, group in iter_tar_samples(shard_path(d, s)):
             if shown >= samples:
                 break
-            rec = json.loads(group["json"])
-            im = Image.open(io.BytesIO(group["jpg"]))
-            refs = rec.get("refs", [])
-            print(f"   {key}: {im.size[0]}x{im.size[1]} (orig {rec['orig_width']}x{rec['orig_height']}) "
-                  f"captions={len(rec.get('captions', []))} regions={len(rec.get('regions', []))} refs={len(refs)}")
-            for c in rec.get("captions", [])[:1]:
-                print(f"      caption: {c!r}")
-            for r in rec.get("regions", [])[:2]:
-                print(f"      {r['kind']}: {r['text']!r} {r['bbox']}")
-            for r in refs[:2]:
-                area = int(mask_utils.area({"size": r["mask"]["size"], "counts": r["mask"]["counts"].encode()})) \
-                    if "mask" in r else None
-                print(f"      ref {r.get('ref_id')} [{r['split']}]: {r['sentences'][0]!r} {r['bbox']} mask_area={area}")
+            try:
+                rec = json.loads(group["json"])
+                im = open_checked(group["jpg"])
+                refs = rec.get("refs", [])
+                lines = [f"   {key}: {im.size[0]}x{im.size[1]} (orig {rec['orig_width']}x{rec['orig_height']}) "
+                         f"captions={len(rec.get('captions', []))} regions={len(rec.get('regions', []))} refs={len(refs)}"]
+                for c in rec.get("captions", [])[:1]:
+                    lines.append(f"      caption: {c!r}")
+                for r in rec.get("regions", [])[:2]:
+                    lines.append(f"      {r['kind']}: {r['text']!r} {r['bbox']}")
+                for r in refs[:2]:
+                    area = int(mask_utils.area({"size": r["mask"]["size"], "counts": r["mask"]["counts"].encode()})) \
+                        if "mask" in r else None
+                    lines.append(f"      ref {r.get('ref_id')} [{r['split']}]: {r['sentences'][0]!r} {r['bbox']} "
+                                 f"mask_area={area}")
+            except Exception as e:  # noqa: BLE001 - a hostile sample is one counted skip, --check has the details
+                bad += 1
+                print(f"   {key}: skipped ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            print("\n".join(lines))
             shown += 1
+    if bad:
+        print(f"   samples skipped while showing: {bad}")
 
 
 def inspect_main(root: str | Path, *, check: bool = False, samples: int = 2) -> int:

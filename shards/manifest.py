@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +18,7 @@ from shards.inputs import InputError
 from shards.schema import MANIFEST, SCHEMA_VERSION
 
 STATS_DIR = ".build"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\.tar")    # a plain file name: no '/', never '..' alone
 COUNT_KEYS = ("captions", "regions", "refs", "sentences")
 
 
@@ -36,17 +38,46 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    """The manifest of ``shard_dir``; InputError when it is missing or malformed."""
+    """The manifest of ``shard_dir``; InputError when it is missing or malformed. Every shard entry is checked:
+    a plain file name inside ``shard_dir`` (no folder part, no ``..``), a sample count and a sha256."""
     p = Path(shard_dir) / MANIFEST
     if not p.is_file():
         raise InputError(p, "no such file (not a finished shard directory?)")
     try:
         m = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(p, f"malformed JSON ({e})") from None
+        raise InputError(p, f"malformed manifest JSON ({str(e)[:200]})") from None
+    except OSError as e:
+        raise InputError(p, f"unreadable ({e.strerror})") from None
     if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
         raise InputError(p, "not a shard manifest (no 'shards' list)")
+    for i, s in enumerate(m["shards"]):
+        problem = shard_entry_problem(s)
+        if problem:
+            raise InputError(p, f"shards[{i}]: {problem}")
     return m
+
+
+def shard_entry_problem(s: Any) -> str | None:
+    """Why a manifest ``shards`` entry cannot be used, or None (``samples`` and ``sha256`` may be absent;
+    ``inspect --check`` reports that)."""
+    if not isinstance(s, dict):
+        return "not an object"
+    name = s.get("name")
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        return f"name {name!r} is not a plain shard file name (expected e.g. shard-000000.tar)"
+    n = s.get("samples", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return f"samples {n!r} is not a count"
+    sha = s.get("sha256", "0" * 64)
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return f"sha256 {sha!r} is not a hex digest"
+    return None
+
+
+def shard_path(shard_dir: str | Path, entry: dict) -> Path:
+    """The file of a checked manifest entry: always directly inside ``shard_dir``."""
+    return Path(shard_dir) / Path(entry["name"]).name
 
 
 def sample_counts(records: Iterable[dict]) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from shards.build import Item
 from shards.coco import load_coco_like, object_regions
-from shards.inputs import require_dir
+from shards.inputs import inside, is_plain_name, require_dir
 from shards.schema import make_key
 
 
@@ -21,12 +21,12 @@ def resolve_objects365_image(images_dir: Path, file_name: str) -> Path | None:
     """The image on disk for a JSON ``file_name``: as given, then ``patchN/<name>``, then flat."""
     p = PurePosixPath(file_name)
     patch = next((part for part in reversed(p.parts[:-1]) if part.startswith("patch")), None)
-    candidates = [images_dir / file_name]
-    if patch:
-        candidates.append(images_dir / patch / p.name)
-    candidates += [images_dir / p.name, images_dir / "images" / file_name]
+    candidates = [inside(images_dir, file_name)]          # never a path outside --images
+    if patch and is_plain_name(patch):
+        candidates.append(inside(images_dir, f"{patch}/{p.name}"))
+    candidates += [inside(images_dir, p.name), inside(images_dir / "images", file_name)]
     for c in candidates:
-        if c.is_file():
+        if c is not None and c.is_file():
             return c
     return None
 

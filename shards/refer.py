@@ -16,12 +16,13 @@ import hashlib
 import io
 import json
 import pickle
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from shards.build import Item
-from shards.inputs import InputError, load_json, require_list
+from shards.inputs import InputError, is_plain_name, load_json, require_list
 from shards.schema import make_key
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
@@ -94,10 +95,46 @@ def load_instances(path: str | Path) -> dict:
             require_list(path, data, key)
     except InputError as e:
         raise ReferFormatError(e.path, e.problem) from None
+    seen: set[int] = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or "id" not in a or "bbox" not in a:
             raise ReferFormatError(path, f"annotations[{i}] lacks 'id' or 'bbox'")
+        if not _is_int(a["id"]):
+            raise ReferFormatError(path, f"annotations[{i}]: id {a['id']!r:.40} is not an integer")
+        if a["id"] in seen:
+            raise ReferFormatError(path, f"annotations[{i}]: duplicate annotation id {a['id']}")
+        seen.add(a["id"])
+    seen = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            raise ReferFormatError(path, f"images[{i}] has no integer 'id'")
+        if not all(_is_int(im.get(k)) and im[k] > 0 for k in ("width", "height")):
+            raise ReferFormatError(path, f"images[{i}] (id {im['id']}) has no positive integer width/height")
+        if im["id"] in seen:
+            raise ReferFormatError(path, f"images[{i}]: duplicate image id {im['id']}")
+        seen.add(im["id"])
     return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def ref_problem(ref: dict) -> str | None:
+    """The skip reason of a ref whose fields cannot be used as they are, or None."""
+    if not _is_int(ref["ref_id"]):
+        return "ref_bad_ref_id"
+    if not _is_int(ref["image_id"]) or ref["image_id"] < 0:
+        return "ref_bad_image_id"
+    if not _is_int(ref["ann_id"]):
+        return "ref_bad_ann_id"
+    if not is_plain_name(ref["split"]):
+        return "ref_bad_split"              # a split becomes a directory name: never a path
+    if not isinstance(ref["sentences"], list):
+        return "ref_bad_sentences"
+    if "category_id" in ref and ref["category_id"] is not None and not _is_int(ref["category_id"]):
+        return "ref_bad_category_id"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -128,13 +165,14 @@ def excluded_image_ids(refer_root: str | Path, *, google: bool = False) -> tuple
             missing.append(str(p.relative_to(root)))
             continue
         refs = load_refs(p)
-        mine = {int(r["image_id"]) for r in refs if r["split"] != "train"}
+        ok = [r for r in refs if ref_problem(r) is None]
+        mine = {r["image_id"] for r in ok if r["split"] != "train"}
         ids |= mine
         used.append({"file": str(p.relative_to(root)), "sha256": _sha256(p), "refs": len(refs),
-                     "non_train_refs": sum(r["split"] != "train" for r in refs), "images": len(mine)})
+                     "non_train_refs": sum(r["split"] != "train" for r in ok), "images": len(mine),
+                     **({"refused_refs": len(refs) - len(ok)} if len(ok) < len(refs) else {})})
     if not used:
-        raise ReferFormatError(root, "holds none of " + ", ".join(
-            str(refs_path(".", d, s))[2:] for d, s in sources))
+        raise ReferFormatError(root, "holds none of " + ", ".join(f"{d}/refs({s}).p" for d, s in sources))
     provenance = {"rule": "image_id of every ref whose split is not 'train' (DATA_FORMATS.md 2.2)",
                   "files": used, "missing": missing}
     return ids, provenance
@@ -160,9 +198,10 @@ def image_path(images_dir: str | Path, dataset: str, image_id: int) -> Path | No
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _sentences(ref: dict) -> list[str]:
-    return [s["sent"] if isinstance(s, dict) else s for s in ref["sentences"]
-            if isinstance(s, str) or (isinstance(s, dict) and "sent" in s)]
+def _sentences(ref: dict) -> list:
+    """The sentence strings of a ref (refer's dicts or plain strings); anything else is passed on as None so the
+    writer drops and counts it (``text_empty``)."""
+    return [s.get("sent") if isinstance(s, dict) else s if isinstance(s, str) else None for s in ref["sentences"]]
 
 
 def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path, *,
@@ -191,14 +230,24 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
     inst_path = root / dataset / "instances.json"
     inst = load_instances(inst_path)
     anns = {a["id"]: a for a in inst["annotations"]}
-    sizes = {im["id"]: (int(im["width"]), int(im["height"])) for im in inst["images"]
-             if isinstance(im, dict) and {"id", "width", "height"} <= im.keys()}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
 
     skips: dict[str, Counter] = defaultdict(Counter)
     counts: dict[str, Counter] = defaultdict(Counter)
+    refused: Counter = Counter()            # refs no split can hold (bad fields, duplicate ids), by reason
+    usable, seen_ids = [], set()
+    for ref in refs:
+        why = ref_problem(ref)
+        if why is None and ref["ref_id"] in seen_ids:
+            why = "ref_duplicate_id"        # the first one is kept, never "last wins"
+        if why:
+            refused[why] += 1
+            continue
+        seen_ids.add(ref["ref_id"])
+        usable.append(ref)
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for ref in sorted(refs, key=lambda r: r["ref_id"]):
-        split, image_id = str(ref["split"]), int(ref["image_id"])
+    for ref in sorted(usable, key=lambda r: r["ref_id"]):
+        split, image_id = ref["split"], ref["image_id"]
         counts[split]["refs_in_file"] += 1
         counts[split]["sentences_in_file"] += len(ref["sentences"])
         ann = anns.get(ref["ann_id"])
@@ -212,6 +261,14 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
             "ref_id": ref["ref_id"], "ann_id": ref["ann_id"],
             "category_id": ref.get("category_id", ann.get("category_id")), "split": split,
             "bbox": ann["bbox"], "sentences": _sentences(ref), "segmentation": ann.get("segmentation")})
+    if refused:
+        print(f"warning: {refs_path(root, dataset, split_by)}: refused {sum(refused.values())} ref(s): "
+              + ", ".join(f"{k}={v}" for k, v in sorted(refused.items())), file=sys.stderr)
+        for split in counts:
+            counts[split].update({f"refused_{k}": v for k, v in refused.items()})
+    if not usable:
+        raise ReferFormatError(refs_path(root, dataset, split_by), "holds no usable ref (refused: "
+                               + ", ".join(f"{k}={v}" for k, v in sorted(refused.items())) + ")")
 
     by_split: dict[str, list[Item]] = {s: [] for s in counts}
     for (split, image_id), split_refs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):

@@ -15,6 +15,7 @@ MANIFEST = "manifest.json"
 REGION_KINDS = ("region", "object")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def make_key(source: str, image_id: Any) -> str:
@@ -39,7 +40,7 @@ def clean_text(text: Any) -> tuple[str | None, str | None]:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return None, "text_not_utf8"
-    text = " ".join(text.split())
+    text = " ".join(_CONTROL.sub(" ", text).split())     # NUL and other control characters count as spaces
     if not text:
         return None, "text_empty"
     return text, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import tarfile
 from collections import Counter
@@ -20,8 +21,12 @@ import braceexpand
 import numpy as np
 from webdataset.tariterators import tarfile_samples
 
+from shards.inputs import InputError
+from shards.manifest import read_manifest, shard_path
+
 log = logging.getLogger(__name__)
 PARTS = ("image", "region")
+SOURCE_KEYS = ("name", "shards", "weight", "parts")
 
 
 class DataError(ValueError):
@@ -48,11 +53,10 @@ def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
         mpath = p / "manifest.json"
         if mpath.is_file():
             try:
-                manifest = json.loads(mpath.read_text())
-                names = [s["name"] for s in manifest["shards"]]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{mpath}: malformed manifest ({e})") from None
-            paths = [str(p / n) for n in names]
+                manifest = read_manifest(p)
+            except InputError as e:
+                raise DataError(str(e)) from None
+            paths = [str(shard_path(p, s)) for s in manifest["shards"]]
             missing = [x for x in paths if not os.path.isfile(x)]
             if missing:
                 raise DataError(f"{missing[0]}: shard listed in {mpath} is missing")
@@ -81,16 +85,25 @@ def parse_sources(entries: Any) -> list[Source]:
     its manifest counts say it has data for (captions / regions), or both when it has no manifest."""
     if not entries:
         raise DataError("data.sources: no sources given")
+    if not isinstance(entries, (list, tuple)):
+        raise DataError(f"data.sources: expected a list of {{name, shards, weight}} entries, got {entries!r:.80}")
     out = []
     for i, e in enumerate(entries):
+        if isinstance(e, dict):
+            unknown = sorted(str(k) for k in set(e) - set(SOURCE_KEYS))
+            if unknown:
+                raise DataError(f"data.sources[{i}]: unknown key '{unknown[0]}' (valid keys: {', '.join(SOURCE_KEYS)})")
+        elif not hasattr(e, "name"):
+            raise DataError(f"data.sources[{i}]: expected a mapping with {', '.join(SOURCE_KEYS)}, got {e!r:.80}")
         name, spec, weight = get_field(e, "name"), get_field(e, "shards"), get_field(e, "weight", 1.0)
-        if not name or not spec:
-            raise DataError(f"data.sources[{i}]: needs 'name' and 'shards'")
-        if not isinstance(weight, (int, float)) or weight <= 0:
+        if not name or not spec or not isinstance(name, str) or not isinstance(spec, str):
+            raise DataError(f"data.sources[{i}]: needs 'name' and 'shards' strings")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise DataError(f"data.sources[{i}] ({name}): weight must be a positive number, got {weight!r}")
-        parts = tuple(get_field(e, "parts", None) or PARTS)
-        if any(x not in PARTS for x in parts):
-            raise DataError(f"data.sources[{i}] ({name}): parts must be a subset of {list(PARTS)}, got {list(parts)}")
+        parts = get_field(e, "parts", None) or PARTS
+        if isinstance(parts, str) or not isinstance(parts, (list, tuple)) or any(x not in PARTS for x in parts):
+            raise DataError(f"data.sources[{i}] ({name}): parts must be a subset of {list(PARTS)}, got {parts!r}")
+        parts = tuple(parts)
         paths, manifest = resolve_shards(str(spec))
         samples, shard_samples = None, {}
         if manifest is not None:
@@ -171,7 +184,9 @@ def _read_pass(src: Source, shards: list[str], keep: Optional[tuple[int, int]], 
             continue
         try:
             meta = json.loads(sample["json"])
-            int(meta["width"]), int(meta["height"])
+            if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and not isinstance(meta[k], bool)
+                                                     and meta[k] > 0 for k in ("width", "height")):
+                raise ValueError("no positive integer width/height")
         except (ValueError, KeyError, TypeError) as e:
             skips.add("bad_json", f"{key}: {e}")
             continue
@@ -205,7 +220,8 @@ def endless_source(src: Source, index: int, part: str, *, seed: int, epoch: int,
 
 
 def _has_part(meta: dict, part: str) -> bool:
-    return bool(meta.get("captions")) if part == "image" else bool(meta.get("regions"))
+    value = meta.get("captions") if part == "image" else meta.get("regions")
+    return isinstance(value, list) and bool(value)
 
 
 def mix_sources(streams: list[Iterator[Raw]], weights: list[float], rng: np.random.Generator) -> Iterator[Raw]:

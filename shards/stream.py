@@ -46,6 +46,7 @@ from webdataset.filters import shuffle
 from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize_batch, plan_region_crop,
                             region_view, stack_uint8)
 from shards.decode import DECODERS, DecodeError
+from shards.determinism import loader_generator
 from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
                             parse_sources, resolve_shards)
 from shards.text import MLMMasker, clean_caption, encode_and_mask, swap_left_right
@@ -186,7 +187,8 @@ class PretrainStream(IterableDataset):
             plan = BatchPlan(images=[])
             while len(plan.images) < s.batch_size:
                 raw = _next(images, "image-text")
-                caps = [c for c in (clean_caption(c, s.max_words) for c in raw.meta.get("captions") or []) if c]
+                caps = [c for c in (clean_caption(c, s.max_words) for c in raw.meta.get("captions") or []
+                                    if isinstance(c, str)) if c]
                 if not caps:
                     self.skips.add("no_caption", raw.key)
                     continue
@@ -198,7 +200,7 @@ class PretrainStream(IterableDataset):
                 for r in raw.meta.get("regions") or []:
                     t = clean_caption(r.get("text", ""), s.max_words) if isinstance(r, dict) else ""
                     b = r.get("bbox") if isinstance(r, dict) else None
-                    if t and isinstance(b, (list, tuple)) and len(b) == 4:
+                    if t and _finite_box(b):
                         regs.append((tuple(float(x) for x in b), t))
                 rp = plan_region_crop(int(raw.meta["width"]), int(raw.meta["height"]), regs, rng,
                                       max_texts=min(s.texts_per_image, s.region_texts - n_texts))
@@ -306,6 +308,11 @@ class _AllFailed(Exception):
     pass
 
 
+def _finite_box(b: Any) -> bool:
+    return (isinstance(b, (list, tuple)) and len(b) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in b))
+
+
 def _next(it: Iterator[Raw], what: str) -> Raw:
     try:
         return next(it)
@@ -336,7 +343,8 @@ class PretrainLoader:
                  pin_memory: bool = False) -> None:
         self.stream, self.record_keys = stream, record_keys
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)
+                                 persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None,
+                                 generator=loader_generator(stream.seed, stream.epoch, stream.rank))
         self.skips: Counter = Counter()
         self.keys: list[list[str]] = []
         self.wait_s = 0.0

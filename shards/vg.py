@@ -10,19 +10,29 @@ from collections import Counter
 from pathlib import Path
 
 from shards.build import Item
-from shards.inputs import InputError, load_json, require_dir, require_keys
+from shards.inputs import InputError, is_plain_name, load_json, require_dir, require_int, require_keys
 from shards.schema import make_key
 
 
 def _image_id(path: Path, entry: dict, i: int, keys: tuple[str, ...]) -> int:
+    if not isinstance(entry, dict):
+        raise InputError(path, f"entry {i} is not an object")
     for k in keys:
         if k in entry:
-            return int(entry[k])
+            return require_int(path, entry, k, f"entry {i}")
     raise InputError(path, f"entry {i} has none of the keys {', '.join(repr(k) for k in keys)}")
 
 
+def _strings(v: object) -> list[str]:
+    """A name/attribute field as a list of non-empty strings: VG has both "car" and ["car"] (and nulls)."""
+    items = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+    return [x.strip() for x in items if isinstance(x, str) and x.strip()]
+
+
 def _resolve(images_dir: Path, image_id: int, url: str | None) -> str:
-    folder = url.rstrip("/").split("/")[-2] if url and url.count("/") >= 2 else None
+    folder = url.rstrip("/").split("/")[-2] if isinstance(url, str) and url.count("/") >= 2 else None
+    if folder is not None and not is_plain_name(folder):
+        folder = None                        # never a path from the JSON ("..", "/abs")
     candidates = ([images_dir / folder / f"{image_id}.jpg"] if folder else []) + [
         images_dir / f"{image_id}.jpg", images_dir / "VG_100K" / f"{image_id}.jpg",
         images_dir / "VG_100K_2" / f"{image_id}.jpg"]
@@ -41,7 +51,14 @@ def vg_items(images_dir: str | Path, image_data_file: str | Path, regions_file: 
     meta: dict[int, dict] = {}
     for i, e in enumerate(load_json(image_data_file, list)):
         require_keys(image_data_file, e, ("width", "height"), f"entry {i}")
-        meta[_image_id(image_data_file, e, i, ("image_id", "id"))] = e
+        iid = _image_id(image_data_file, e, i, ("image_id", "id"))
+        for k in ("width", "height"):
+            require_int(image_data_file, e, k, f"entry {i} (image {iid})", positive=True)
+        if e.get("coco_id") is not None:
+            require_int(image_data_file, e, "coco_id", f"entry {i} (image {iid})")
+        if iid in meta:
+            raise InputError(image_data_file, f"entry {i}: duplicate image id {iid}")
+        meta[iid] = e
     skips: Counter = Counter()
     regions: dict[int, list[dict]] = {}
     for i, e in enumerate(load_json(regions_file, list)):
@@ -70,24 +87,24 @@ def vg_items(images_dir: str | Path, image_data_file: str | Path, regions_file: 
                 continue
             for j, o in enumerate(objs):
                 require_keys(objects_file, o, ("x", "y", "w", "h"), f"entry {i} objects[{j}]")
-                names = o.get("names") or ([o["name"]] if o.get("name") else [])
+                names = _strings(o.get("names")) or _strings(o.get("name"))
                 if not names:
                     skips["object_no_name"] += 1
                     continue
-                attrs = [a for a in (o.get("attributes") or []) if isinstance(a, str) and a.strip()]
-                text = f"{attrs[0].strip()} {names[0]}" if attrs else names[0]
+                attrs = _strings(o.get("attributes"))
+                text = f"{attrs[0]} {names[0]}" if attrs else names[0]
                 regions.setdefault(iid, []).append({"bbox": [o["x"], o["y"], o["w"], o["h"]], "text": text,
                                                     "kind": "object"})
     exclude = exclude or set()
     items = []
     for iid in sorted(meta):
         m = meta[iid]
-        if m.get("coco_id") is not None and int(m["coco_id"]) in exclude:
+        if m.get("coco_id") is not None and m["coco_id"] in exclude:
             skips["excluded_refer"] += 1
             continue
         rec = {"source": "vg", "image_id": iid, "regions": regions.get(iid, [])}
         items.append(Item(key=make_key("vg", iid), image=_resolve(images_dir, iid, m.get("url")), record=rec,
-                          ann_size=(int(m["width"]), int(m["height"]))))
+                          ann_size=(m["width"], m["height"])))
     extra = {"images_in_image_data": len(meta),
              "images_with_coco_id": sum(1 for m in meta.values() if m.get("coco_id") is not None)}
     return items, dict(skips), extra

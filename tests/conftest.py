@@ -30,3 +30,10 @@ def tok(tmp_path_factory):
     from loader_shards import WORDS
     from shards.text import build_vocab_tokenizer
     return build_vocab_tokenizer(WORDS, tmp_path_factory.mktemp("tok"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input corpus's tally (tests/test_bad_inputs.py), when it ran."""
+    mod = sys.modules.get("badcorpus")
+    if mod is not None and getattr(mod, "TALLY", None):
+        terminalreporter.write_line(mod.summary())

@@ -126,7 +126,7 @@ def test_export_and_load_consolidated_forms(tmp_path):
 def test_resume_resolution(tmp_path):
     assert ckpt.resolve_resume(None, tmp_path) is None
     assert ckpt.resolve_resume("latest", tmp_path) is None          # fresh run: nothing yet
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "elsewhere"), tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ckpt.CheckpointError, match="not a .safetensors file"):
         ckpt.load_consolidated(tmp_path / "nothing_here")

@@ -68,12 +68,14 @@ def test_predict_writes_png_with_box_where_the_model_put_it(export, image_path, 
 def test_predict_pairs_and_user_mistakes(export, image_path, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join([json.dumps({"image": str(image_path), "text": "a dog"}), "{broken",
-                                json.dumps({"image": str(tmp_path / "missing.jpg"), "text": "a cat"})]) + "\n")
+                                json.dumps({"image": str(tmp_path / "missing.jpg"), "text": "a cat"}),
+                                json.dumps({"image": str(image_path), "text": " \t "})]) + "\n")
     out_dir = tmp_path / "preds"
     assert main(["--checkpoint", str(export), "--pairs", str(pairs), "--out-dir", str(out_dir)]) == 0
     lines = [json.loads(s) for s in (out_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and Image.open(lines[0]["out"]).size == (150, 90)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == {"bad_line": 1, "bad_image": 1}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == {"bad_line": 1, "bad_image": 1,
+                                                                                    "empty_text": 1}
     assert main(["--checkpoint", str(export), "--image", str(tmp_path / "nope.jpg"), "--text", "x",
                  "--out", str(tmp_path / "o.png")]) == 2
     assert main(["--checkpoint", str(tmp_path), "--image", str(image_path), "--text", "x",
