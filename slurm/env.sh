@@ -2,6 +2,10 @@
 # (pretrain/distributed.py reads SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS); this file fixes the rendezvous
 # address and port for every task of the job, and the thread / NCCL settings.
 
+# Ranks come from SLURM_PROCID/SLURM_NTASKS: torchrun variables that sbatch copied from the submitting shell
+# would override them in every task (pretrain/distributed.py prefers RANK/WORLD_SIZE when set).
+unset RANK LOCAL_RANK WORLD_SIZE
+
 # First host of the allocation is the rendezvous; the port depends on the job id so jobs sharing a node
 # do not collide (same formula as pretrain.distributed.slurm_port).
 if [ -z "${MASTER_ADDR:-}" ]; then

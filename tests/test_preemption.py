@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from test_engine import ROOT, losses, run_tiny, tiny_config
+from test_engine import ROOT, SCRIPT, env, losses, run_tiny, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +104,36 @@ def test_signal_during_the_export_completes_the_run(tmp_path):
     assert "arrived during the export: the run is complete" in r.stdout
     out = tmp_path / "run"
     assert (out / "export" / "model.safetensors").is_file() and events(out, "preempted") == []
+
+
+def session_commands(sid: int) -> set[str]:
+    """Names of the processes in session `sid` (a process started with start_new_session and its children)."""
+    names = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getsid(int(p.name)) == sid:
+                    names.add((p / "comm").read_text().strip())
+            except (OSError, ValueError):
+                pass
+    return names
+
+
+def test_signal_to_the_whole_group_during_a_deepspeed_op_build(tmp_path):
+    """DeepSpeed JIT-compiles its shared-memory op at start-up (ninja + c++, children of the rank). USR1 to every
+    process of the group while it compiles: the build completes, the run exits for requeue with nothing saved."""
+    ext = tmp_path / "torch_extensions"                      # empty: this run must build the op
+    cfg = tiny_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(cfg)], start_new_session=True,
+                            env=env(TORCH_EXTENSIONS_DIR=str(ext)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not {"ninja", "cc1plus"} & session_commands(proc.pid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its op build started"
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 85, err[-3000:]
+    assert "Traceback" not in err and "built successfully" in out, err[-3000:]
+    assert list(ext.rglob("*.so")), "the op build did not finish"
+    assert events(tmp_path / "run", "preempted")[0]["checkpoint"] is None

@@ -69,7 +69,10 @@ def cluster():
     except slurm_cluster.Unavailable as e:
         shutil.rmtree(d, ignore_errors=True)
         pytest.skip(f"no real SLURM here: {e}")
-    # what the jobs run: this interpreter and this checkout (sbatch exports the environment)
+    # what the jobs run: this interpreter and this checkout (sbatch exports the environment); no rendezvous
+    # left over from the test process (in-process engine tests export MASTER_PORT etc.)
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "MASTER_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | {"SLURM_CONF": env["SLURM_CONF"]}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="offline", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
     try:
