@@ -119,6 +119,7 @@ def session_commands(sid: int) -> set[str]:
     return names
 
 
+@pytest.mark.timeout(1800)                  # a C++ build: 30 s on an idle 2-core machine, minutes on a busy one
 def test_signal_to_the_whole_group_during_a_deepspeed_op_build(tmp_path):
     """DeepSpeed JIT-compiles its shared-memory op at start-up (ninja + c++, children of the rank). USR1 to every
     process of the group while it compiles: the build completes, the run exits for requeue with nothing saved."""

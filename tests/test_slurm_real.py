@@ -19,7 +19,8 @@ import pytest
 import slurm_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# Minutes on an idle 2-core machine; the waits and the test timeout leave room for a busy one (5x slower seen).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 # A CPU-only request for this 2-core node (the README's command for CPU partitions).
 CPU = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
@@ -113,19 +114,19 @@ def test_pretrain_preempted_by_usr1_then_term_requeues_resumes_and_completes(clu
     job = cluster.sbatch(*CPU, f"--output={log}", "slurm/pretrain.sbatch", "configs/pretrain/smoke.yaml", sources,
                          f"model.text.tokenizer={demo / 'tokenizer'}", f"run.out_dir={out}",
                          f"optim.total_steps={total}", "run.save_every=5")
-    cluster.wait("step 4", lambda: max(train_steps(out), default=0) >= 4, job, 300, log)
+    cluster.wait("step 4", lambda: max(train_steps(out), default=0) >= 4, job, 900, log)
     cluster.run("scancel", "--signal=USR1", job)
-    cluster.wait("the first requeue", lambda: cluster.job(job).get("Restarts") == "1", job, 120, log)
+    cluster.wait("the first requeue", lambda: cluster.job(job).get("Restarts") == "1", job, 600, log)
     first = events(out, "preempted")
     assert len(first) == 1 and first[0]["signal"] == "SIGUSR1", first
     stop1 = first[0]["step"]
     assert 4 <= stop1 < total and (out / "checkpoints" / f"step_{stop1:08d}").is_dir()
     assert max(train_steps(out)) == stop1               # every rank stopped after the same step
     cluster.wait("progress after the resume", lambda: len(events(out, "resume")) == 1
-                 and max(train_steps(out)) >= stop1 + 3, job, 300, log)
+                 and max(train_steps(out)) >= stop1 + 3, job, 900, log)
     assert cluster.job(job)["JobState"] == "RUNNING"
     cluster.run("scancel", "--signal=TERM", job)
-    cluster.wait("completion", lambda: cluster.job(job).get("JobState") in ENDED, job, 400, log)
+    cluster.wait("completion", lambda: cluster.job(job).get("JobState") in ENDED, job, 1500, log)
     info = cluster.job(job)
     text = log.read_text()
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "2", "0:0"), text[-3000:]
@@ -146,11 +147,11 @@ def test_finetune_time_limit_signal_requeues_resumes_and_completes(cluster, demo
                          "configs/finetune/smoke.yaml", f"data.shards={demo / 'shards' / 'refcoco'}",
                          f"model.text.tokenizer={demo / 'tokenizer'}", f"run.out_dir={out}",
                          f"optim.total_steps={total}", "optim.step_milestones=[80]", "run.save_every=10")
-    cluster.wait("the time-limit requeue", lambda: cluster.job(job).get("Restarts") == "1", job, 240, log)
-    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    cluster.wait("the time-limit requeue", lambda: cluster.job(job).get("Restarts") == "1", job, 600, log)
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=60")
     pre = events(out, "preempted")
     assert len(pre) == 1 and pre[0]["signal"] == "SIGUSR1", (pre, log.read_text()[-3000:])
-    cluster.wait("completion", lambda: cluster.job(job).get("JobState") in ENDED, job, 400, log)
+    cluster.wait("completion", lambda: cluster.job(job).get("JobState") in ENDED, job, 1500, log)
     info = cluster.job(job)
     text = log.read_text()
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), text[-3000:]
