@@ -141,12 +141,13 @@ def test_pretrain_preempted_by_usr1_then_term_requeues_resumes_and_completes(clu
 
 def test_finetune_time_limit_signal_requeues_resumes_and_completes(cluster, demo):
     """--time=2 --signal=USR1@60: SLURM sends USR1 30-60 s into the job (it may come up to 60 s early); the run
-    saves and requeues; the test then lifts the limit so the requeued job finishes."""
-    out, log, total = cluster.dir / "finetune", cluster.dir / "finetune.out", 100
+    saves and requeues; the test then lifts the limit so the requeued job finishes. 150 steps take longer than
+    60 s even on an idle machine, so the signal always comes mid-run."""
+    out, log, total = cluster.dir / "finetune", cluster.dir / "finetune.out", 150
     job = cluster.sbatch(*CPU, "--time=2", "--signal=USR1@60", f"--output={log}", "slurm/finetune.sbatch",
                          "configs/finetune/smoke.yaml", f"data.shards={demo / 'shards' / 'refcoco'}",
                          f"model.text.tokenizer={demo / 'tokenizer'}", f"run.out_dir={out}",
-                         f"optim.total_steps={total}", "optim.step_milestones=[80]", "run.save_every=10")
+                         f"optim.total_steps={total}", "optim.step_milestones=[120]", "run.save_every=25")
     cluster.wait("the time-limit requeue", lambda: cluster.job(job).get("Restarts") == "1", job, 600, log)
     cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=60")
     pre = events(out, "preempted")
