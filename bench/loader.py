@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=12, help="timed batches per loader run (default 12)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--decoder", default="simplejpeg", choices=["pil", "simplejpeg", "torchvision"])
+    p.add_argument("--decoder", default=None, choices=["pil", "simplejpeg", "torchvision"],
+                   help="the loader's decoder (default: simplejpeg when installed, else pil)")
     p.add_argument("--uint8", action="store_true",
                    help="workers send uint8 batches (data.normalize_in_loader=false; the step normalises on its GPU)")
     p.add_argument("--device", default="cpu", help="cuda adds the batched nvjpeg decode rate")
@@ -234,6 +235,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="BERT tokenizer dir (default: all-MiniLM-L6-v2's bert-base-uncased vocab, "
                                        "else a vocab built here)")
     a = p.parse_args(argv)
+    try:
+        import simplejpeg  # noqa: F401
+        have_simplejpeg = True
+    except ImportError:
+        have_simplejpeg = False
+    if a.decoder is None:
+        a.decoder = "simplejpeg" if have_simplejpeg else "pil"
+    elif a.decoder == "simplejpeg" and not have_simplejpeg:
+        print("error: --decoder simplejpeg but simplejpeg is not installed (pip install simplejpeg)", file=sys.stderr)
+        return 2
     if a.shards and not Path(a.shards).is_dir():
         print(f"error: {a.shards}: shard directory not found", file=sys.stderr)
         return 2

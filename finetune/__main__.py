@@ -10,6 +10,11 @@ config.yaml fixes the ViT/BERT architecture. `init_from: null` trains from the c
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # as a program: hold SLURM's USR1/TERM before any thread, worker or helper starts
+    from pretrain.preemption import install
+
+    install()
+
 import argparse
 import json
 import sys

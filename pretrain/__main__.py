@@ -7,6 +7,11 @@ preempted run exits with `run.requeue_exit_code` after saving (the sbatch script
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # as a program: hold SLURM's USR1/TERM before any thread, worker or helper starts
+    from pretrain.preemption import install
+
+    install()
+
 import argparse
 import json
 import os

@@ -7,7 +7,9 @@
 It counts optimizer steps up to `optim.total_steps`; the epoch advances after `batches_per_epoch` batches
 per rank, and `make_loader(epoch, start_batch)` lets a resumed run continue the same data order. A
 non-finite loss skips that batch on every rank (no backward, no optimizer step) and stops the run after
-`run.max_nan_steps` in a row. SIGUSR1/SIGTERM -> finish the step, save, exit with `run.requeue_exit_code`.
+`run.max_nan_steps` in a row. SIGUSR1/SIGTERM (pretrain.preemption) -> finish the step, save, exit with
+`run.requeue_exit_code` on every rank; before the first step nothing is saved; during the final evaluation the
+requeued job evaluates again; during the export the run completes.
 """
 from __future__ import annotations
 
@@ -182,6 +184,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
     try:
         with PreemptionFlag() as preempt:
+            if du.any_rank(preempt.requested, device):      # a signal during start-up: nothing new to save
+                _exit_for_requeue(cfg, tracker, step, last_saved, preempt)
             while step < cfg.optim.total_steps:
                 t_step = time.perf_counter()
                 lr_used = _lr_of(engine)
@@ -239,35 +243,35 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                     tracker.log(step, record)
                     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
                 if evaluate is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0 \
-                        and step < cfg.optim.total_steps:
+                        and step < cfg.optim.total_steps and not stop:
                     last_eval = _evaluate(evaluate, engine, step, tracker)
+                    stop = du.any_rank(preempt.requested, device)    # a signal during the evaluation
                 if step % cfg.run.save_every == 0 or step == cfg.optim.total_steps or stop:
                     last_saved = ckpt.save_checkpoint(engine, ckpt_dir, step,
                                                       _client_state(step, samples_seen, data),
                                                       cfg.run.keep_checkpoints,
                                                       protect=(resume[1],) if resume is not None else ())
                 if stop:
-                    tracker.message(f"preemption signal: saved {last_saved} at step {step}; exiting with "
-                                    f"{cfg.run.requeue_exit_code} for requeue")
-                    tracker.log(step, {"event": "preempted", "checkpoint": str(last_saved)})
-                    tracker.close()
-                    du.cleanup()
-                    sys.exit(cfg.run.requeue_exit_code)
+                    _exit_for_requeue(cfg, tracker, step, last_saved, preempt)
+            if evaluate is not None:
+                last_eval = _evaluate(evaluate, engine, step, tracker, log=False)
+                if du.any_rank(preempt.requested, device):   # the requeued job evaluates again
+                    _exit_for_requeue(cfg, tracker, step, last_saved, preempt)
+                tracker.log(step, _flatten(last_eval, "eval/"))
+            export = None
+            if cfg.run.export and last_saved is not None:
+                if info.is_main:
+                    export = ckpt.export_consolidated(ckpt_dir, out_dir, cfg, tag=last_saved.name)
+                du.barrier()
+                export = export or out_dir / "export"
+            if preempt.requested:
+                tracker.message(f"{preempt.name()} arrived during the export: the run is complete, not requeueing")
     except TrainingDiverged:
         tracker.close()
         raise
-
-    if evaluate is not None:
-        last_eval = _evaluate(evaluate, engine, step, tracker)
     skipped = data.skips()
     if skipped:
         tracker.message("loader skipped samples: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
-    export = None
-    if cfg.run.export and last_saved is not None:
-        if info.is_main:
-            export = ckpt.export_consolidated(ckpt_dir, out_dir, cfg, tag=last_saved.name)
-        du.barrier()
-        export = export or out_dir / "export"
     tracker.close()
     return {"steps": step, "final_loss": last_loss, "samples_seen": samples_seen, "epoch": data.epoch,
             "short_epochs": data.short_epochs, "skipped": skipped,
@@ -320,13 +324,29 @@ def _lr_of(engine: Any) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
-def _evaluate(evaluate: Callable[[nn.Module, int], dict], engine: Any, step: int, tracker: Tracker) -> dict:
+def _evaluate(evaluate: Callable[[nn.Module, int], dict], engine: Any, step: int, tracker: Tracker,
+              log: bool = True) -> dict:
     engine.module.eval()
     with torch.no_grad():
         result = evaluate(engine.module, step)
     engine.module.train()
-    tracker.log(step, _flatten(result, "eval/"))
+    if log:
+        tracker.log(step, _flatten(result, "eval/"))
     return result
+
+
+def _exit_for_requeue(cfg: Any, tracker: Tracker, step: int, saved: Path | None, preempt: PreemptionFlag) -> None:
+    """Every rank calls this after the same step (the flag went through an all-reduce): log, leave the process
+    group together and exit with the requeue code. `saved` is the checkpoint the requeued job resumes from."""
+    where = f"checkpoint {saved} (step {step})" if saved is not None else "no checkpoint yet"
+    tracker.message(f"preemption signal ({preempt.name() or 'on another rank'}): {where}; exiting with "
+                    f"{cfg.run.requeue_exit_code} for requeue")
+    tracker.log(step, {"event": "preempted", "signal": preempt.name() or None,
+                       "checkpoint": str(saved) if saved is not None else None})
+    tracker.close()
+    du.barrier()
+    du.cleanup()
+    sys.exit(cfg.run.requeue_exit_code)
 
 
 def _flatten(d: dict, prefix: str) -> dict:

@@ -128,6 +128,7 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 print(f"warning: wandb logging failed, disabling it ({e})", file=sys.stderr, flush=True)
                 self.wandb = None
+                _teardown_wandb()
 
     def message(self, text: str) -> None:
         if self.is_main:
@@ -139,8 +140,21 @@ class Tracker:
         if self.wandb is not None:
             try:
                 self.wandb.finish()
-            except Exception:  # noqa: BLE001
-                pass
+            except (Exception, SystemExit):  # noqa: BLE001 - wandb exits when its service died (SIGTERM)
+                _teardown_wandb()
+            self.wandb = None
+
+
+def _teardown_wandb() -> None:
+    """Release wandb after its service process died (it exits on SIGTERM, which SLURM sends to every process of
+    the step): without this its atexit hook prints a traceback, and `finish()` calls sys.exit with the
+    service's exit status."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except (Exception, SystemExit):  # noqa: BLE001
+        pass
 
 
 def _plain(v: Any) -> Any:

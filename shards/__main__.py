@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="re-hash and decode everything; exit 1 on any mismatch")
     p.add_argument("--samples", type=int, default=2, help="decoded samples to print per directory")
 
-    p = sub.add_parser("demo", help="synthetic raw data + every shard set under OUT/raw and OUT/shards")
+    p = sub.add_parser("demo", help="synthetic raw data + every shard set + a vocabulary: OUT/raw, OUT/shards, OUT/tokenizer")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=None)
@@ -109,8 +109,9 @@ def run(ns: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True))
         return 0
     if ns.command == "demo":
-        from shards.demo import build_demo_shards
+        from shards.demo import build_demo_shards, build_demo_tokenizer
         manifests = build_demo_shards(ns.out, seed=ns.seed, images=ns.images, workers=ns.workers)
+        build_demo_tokenizer(ns.out)            # OUT/tokenizer: what the smoke configs read
         print(json.dumps({k: m["samples"] for k, m in manifests.items()}, sort_keys=True))
         return 0
 

@@ -2,15 +2,18 @@
 
 ``build_demo_shards(out)`` writes ``out/raw/`` (shards.synthetic) and ``out/shards/<source>/`` (coco and
 vg with the RefCOCO exclusion, cc3m from the img2dataset output, objects365, and refcoco per split), by
-running exactly the ``python -m shards ...`` commands a user would. The end-to-end demo (finetune.demo)
-calls it; ``python -m shards demo --out DIR`` runs it alone.
+running exactly the ``python -m shards ...`` commands a user would, as child processes. The end-to-end demo
+(finetune.demo) calls it; ``python -m shards demo --out DIR`` runs it alone and adds ``DIR/tokenizer``
+(the vocabulary the smoke configs read).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from shards.__main__ import build_parser, run
 from shards.inspect import iter_tar_samples, shard_dirs
 from shards.manifest import read_manifest
 
@@ -38,6 +41,16 @@ def demo_commands(raw: Path, shards: Path, workers: int) -> list[list[str]]:
     ]
 
 
+def run_shards_command(argv: list[str]) -> None:
+    """`python -m shards ARGV` as a user runs it, in a child process of this interpreter and this copy of the
+    package (the CLI is not imported here: shards.__main__ imports this module for its `demo` command)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-m", "shards", *argv], env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"python -m shards {' '.join(argv)} exited with {r.returncode}")
+
+
 def build_demo_shards(out: Path, seed: int = 0, images: int | None = None, workers: int = 2) -> dict[str, dict]:
     """Generate the raw data and build all shard sets; returns the manifests keyed by each set's path
     under ``out/shards`` ("coco", "vg", "cc3m", "objects365", "refcoco/<split>")."""
@@ -48,12 +61,11 @@ def build_demo_shards(out: Path, seed: int = 0, images: int | None = None, worke
     t0 = time.perf_counter()
     print(f"[shards demo] drawing the synthetic raw datasets into {raw}", flush=True)
     generate(raw, seed=seed, images=images)
-    parser = build_parser()
     manifests: dict[str, dict] = {}
     for argv in demo_commands(raw, shards, workers):
         t = time.perf_counter()
         print(f"[shards demo] python -m shards {' '.join(argv)}", flush=True)
-        run(parser.parse_args(argv))
+        run_shards_command(argv)
         dest = Path(argv[argv.index("--out") + 1])
         for d in shard_dirs(dest):
             manifests[d.relative_to(shards).as_posix()] = read_manifest(d)

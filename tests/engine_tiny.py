@@ -3,12 +3,25 @@
 
 Batches depend only on (seed, epoch, batch index, rank): a resumed run sees exactly the batches the
 uninterrupted run saw. ENGINE_TINY_NAN="3,4" makes global batches 3 and 4 of epoch 0 non-finite;
-ENGINE_TINY_SLEEP=0.2 slows each step down so a test can signal mid-run.
+ENGINE_TINY_SLEEP=0.2 slows each step down so a test can signal mid-run. ENGINE_TINY_SIGNAL=WHERE:SIG[:RANK]
+makes the process send itself SIG (USR1, TERM) at WHERE: `startup` (before train()), `batchN` (when loading
+global batch N), `eval` (inside the final evaluation; ENGINE_TINY_EVAL=1 turns evaluation on) or `export`.
+As a program it holds the signals from its first line, like `python -m pretrain`.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    from pathlib import Path as _Path
+    import sys as _sys
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+    from pretrain.preemption import install
+
+    install()
+
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -77,20 +90,51 @@ def export_max_diff(task: nn.Module, cfg, export_dir: str) -> float:
     return max(float((live[k] - exported[k].float()).abs().max()) for k in live)
 
 
+def signal_self(where: str, rank: int) -> None:
+    """Send ENGINE_TINY_SIGNAL's signal to this process when `where` matches (once)."""
+    spec = os.environ.get("ENGINE_TINY_SIGNAL", "")
+    if not spec:
+        return
+    at, sig, *only = spec.split(":")
+    if at == where and (not only or int(only[0]) == rank):
+        os.environ["ENGINE_TINY_SIGNAL"] = ""
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+        time.sleep(0.2)                         # delivered by the signal thread meanwhile
+
+
 def main(argv: list[str]) -> int:
     cfg = load_config(PretrainConfig, argv[0], argv[1:])
     torch.manual_seed(cfg.run.seed)
     task = TinyTask()
     rank = int(os.environ.get("RANK", 0))
     sleep = float(os.environ.get("ENGINE_TINY_SLEEP", "0"))
+    signal_self("startup", rank)
 
     def make_loader(epoch: int, start: int):
         for i in range(start, cfg.data.batches_per_epoch):
             if sleep:
                 time.sleep(sleep)
+            signal_self(f"batch{epoch * cfg.data.batches_per_epoch + i}", rank)
             yield make_batch(cfg.run.seed, epoch, i, rank, cfg.data.batch_size)
 
-    summary = train(cfg, task, make_loader, batches_per_epoch=cfg.data.batches_per_epoch)
+    def evaluate(module: nn.Module, step: int) -> dict:
+        if step == cfg.optim.total_steps:
+            signal_self("eval", rank)
+        return {"score": float(step)}
+
+    from pretrain import checkpoint as ckpt
+    export = ckpt.export_consolidated
+
+    def export_signalled(*a, **kw):
+        signal_self("export", rank)
+        return export(*a, **kw)
+
+    ckpt.export_consolidated = export_signalled
+    try:
+        summary = train(cfg, task, make_loader, batches_per_epoch=cfg.data.batches_per_epoch,
+                        evaluate=evaluate if os.environ.get("ENGINE_TINY_EVAL") else None)
+    finally:
+        ckpt.export_consolidated = export
     if summary["export"]:
         summary["export_max_diff"] = export_max_diff(task, cfg, summary["export"])
     if rank == 0:

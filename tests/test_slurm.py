@@ -1,9 +1,12 @@
-"""sbatch scripts: syntax, the srun command they launch under faked SLURM variables (scontrol/srun shimmed on
-PATH), and the requeue on the requeue exit code."""
+"""sbatch scripts without a SLURM: syntax, the srun command they launch under faked SLURM variables (scontrol/srun
+shimmed on PATH), the requeue on the requeue exit code, a signal to the batch shell handed to srun. These run
+everywhere; tests/test_slurm_real.py runs the same scripts on a real SLURM where one can be started."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ def slurm_env(tmp_path: Path, bin_dir: Path, **extra) -> dict:
     return env
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")) + ["env.sh"])
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")) + ["env.sh", "submit"])
 def test_scripts_pass_bash_n(script):
     r = subprocess.run(["bash", "-n", str(SLURM / script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -73,6 +76,33 @@ def test_requeue_on_requeue_exit_code(tmp_path):
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert calls[-2].startswith("srun --kill-on-bad-exit=1") and "MASTER=gpu-a07:19242" in calls[-2]
     assert calls[-1] == "scontrol requeue 4242"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_the_batch_shell_reaches_the_tasks_as_usr1(tmp_path, sig):
+    """scancel --batch/--full or --signal=B:USR1@T signal the batch shell: it must survive, hand the signal to
+    srun as USR1 (srun passes it to every task; TERM would make srun kill the step) and requeue on 85."""
+    bin_dir = stubs(tmp_path)
+    log = tmp_path / "calls.log"
+    (bin_dir / "srun").write_text(f"""#!/bin/bash
+trap 'echo "srun got USR1" >> {log}; exit 85' USR1
+trap 'echo "srun got TERM" >> {log}; exit 143' TERM
+echo "srun started" >> {log}
+for i in $(seq 300); do sleep 0.1; done
+exit 0
+""")
+    proc = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "configs/pretrain/smoke.yaml"],
+                            env=slurm_env(tmp_path, bin_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while "srun started" not in (log.read_text() if log.is_file() else "") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    calls = log.read_text().splitlines()
+    assert proc.returncode == 85, err
+    assert "srun got USR1" in calls and "srun got TERM" not in calls
+    assert calls[-1] == "scontrol requeue 4242"
+    assert f"batch shell got {signal.Signals(sig).name[3:]}" in out
 
 
 def test_no_requeue_on_failure(tmp_path):
