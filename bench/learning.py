@@ -70,9 +70,10 @@ def clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def launch(cmd: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, float]:
+def launch(cmd: list[str], threads: int, log: Path, port: int) -> tuple[subprocess.Popen, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               MASTER_PORT=str(port))           # each run's one-process group on its own port
     env.setdefault("WANDB_MODE", "offline")
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "w")
@@ -182,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
+    from finetune.demo import distinct_free_ports
+
     procs = []
-    for name, extra in settings:
+    for (name, extra), port in zip(settings, distinct_free_ports(len(settings))):
         run_dir = args.out / name
         clear_run_dir(run_dir)
-        proc, t0 = launch(finetune_cmd(args, data, run_dir, extra), threads, run_dir / "log.txt")
+        proc, t0 = launch(finetune_cmd(args, data, run_dir, extra), threads, run_dir / "log.txt", port)
         procs.append((name, extra, run_dir, proc, t0))
         print(f"[learning] {name}: {' '.join(args.overrides + extra) or '(config as is)'} -> {run_dir}/log.txt",
               flush=True)

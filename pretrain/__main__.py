@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                        # an unwritable run.out_dir, a full disk: one line, not a traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
     if info.rank == 0:
         print(json.dumps(summary))
     return 0

@@ -89,7 +89,7 @@ def discover(env: dict | None = None) -> DistInfo:
         port = int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID")))
         return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                         addr, port, "slurm")
-    return DistInfo(0, 0, 1, "127.0.0.1", DEFAULT_PORT, "single")
+    return DistInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or DEFAULT_PORT), "single")
 
 
 def free_port() -> int:

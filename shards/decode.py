@@ -52,6 +52,8 @@ def decode_image(data: bytes, decoder: str = "pil", min_size: Optional[tuple[int
         if str(e).startswith("unknown decoder"):
             raise
         raise DecodeError(str(e)) from None
+    except ImportError:                         # a decoder that is not installed is not a bad image
+        raise
     except (OSError, RuntimeError, SyntaxError, EOFError, MemoryError, Exception) as e:  # noqa: BLE001
         # decoders raise many types on hostile bytes (PIL's DecompressionBombError is a bare Exception)
         raise DecodeError(f"{type(e).__name__}: {e}") from None
