@@ -16,21 +16,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from finetune.metrics import box_iou_xywh
+from shards.build import segmentation_to_rle
+from shards.masks import decode_mask
 from shards.refer import load_instances, load_refs, refs_path
 
 
 def _ann_mask(ann: dict, h: int, w: int) -> np.ndarray:
-    seg = ann["segmentation"]
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg.get("counts"), list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle).astype(bool)
+    """The annotation's segmentation (polygons or RLE) as a bool mask at its image's size."""
+    return decode_mask(segmentation_to_rle(ann["segmentation"], 1.0, 1.0, w, h))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
