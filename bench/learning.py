@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
-    from finetune.demo import distinct_free_ports
+    from pretrain.distributed import free_ports
 
     procs = []
-    for (name, extra), port in zip(settings, distinct_free_ports(len(settings))):
+    for (name, extra), port in zip(settings, free_ports(len(settings))):
         run_dir = args.out / name
         clear_run_dir(run_dir)
         proc, t0 = launch(finetune_cmd(args, data, run_dir, extra), threads, run_dir / "log.txt", port)

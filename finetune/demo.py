@@ -50,20 +50,6 @@ def run_cli(module: str, args: list[str], log: Path) -> None:
         raise SystemExit(f"error: `python -m {module}` failed with exit code {rc}; log: {log}")
 
 
-def distinct_free_ports(n: int) -> list[int]:
-    """n different free TCP ports on 127.0.0.1 (all sockets held open while choosing, so they differ)."""
-    import socket
-
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> None:
     """Run `python -m <module> <args>` jobs at the same time, `threads` torch threads each, output to their
     logs (a line per job when it ends). Used for the two fine-tuning runs: on a 2-core machine two one-thread
@@ -72,7 +58,9 @@ def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> N
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("WANDB_MODE", "offline")
     procs = []
-    ports = distinct_free_ports(len(jobs))     # each single-process run opens a process group: never one port
+    from pretrain.distributed import free_ports
+
+    ports = free_ports(len(jobs))              # each single-process run opens a process group: never one port
     for (module, args, log), port in zip(jobs, ports):
         env["MASTER_PORT"] = str(port)
         cmd = [sys.executable, "-m", module, *args]

@@ -92,10 +92,21 @@ def discover(env: dict | None = None) -> DistInfo:
     return DistInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or DEFAULT_PORT), "single")
 
 
+def free_ports(n: int) -> list[int]:
+    """n different free TCP ports on 127.0.0.1 (all sockets held open while choosing, so they differ): one per
+    process group started side by side on one machine."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def use_cuda() -> bool:
