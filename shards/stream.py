@@ -102,7 +102,12 @@ class StreamSettings:
     def from_config(cls, cfg: Any) -> "StreamSettings":
         kw = {f: get_field(cfg, f) for f in cls.__dataclass_fields__ if get_field(cfg, f) is not None}
         s = cls(**kw)
-        s.mean, s.std, s.crop_scale = tuple(s.mean), tuple(s.std), tuple(s.crop_scale)
+        cs = s.crop_scale
+        if (not isinstance(cs, (list, tuple)) or len(cs) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cs)
+                or not 0.0 < cs[0] <= cs[1] <= 1.0):
+            raise DataError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {cs!r:.60}")
+        s.mean, s.std, s.crop_scale = tuple(s.mean), tuple(s.std), tuple(cs)
         if s.decoder not in DECODERS:
             raise DataError(f"data.decoder: expected one of {', '.join(DECODERS)}, got {s.decoder!r}")
         if s.decoder == "simplejpeg":
@@ -118,8 +123,6 @@ class StreamSettings:
             raise DataError("data.region_texts must be >= 0 and data.region_images >= 1 when region_texts > 0")
         if len(s.mean) != 3 or len(s.std) != 3:
             raise DataError("data.mean and data.std need three numbers")
-        if len(s.crop_scale) != 2 or not 0.0 < float(s.crop_scale[0]) <= float(s.crop_scale[1]) <= 1.0:
-            raise DataError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {list(s.crop_scale)}")
         return s
 
     @property

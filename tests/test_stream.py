@@ -174,3 +174,13 @@ def test_uint8_batches_normalise_to_the_loader_normalised_ones(tmp_path, tok):
             assert r[k].dtype == torch.uint8 and r[k].shape == f[k].shape
             assert torch.allclose(normalize(r[k], s.mean, s.std), f[k], atol=1e-5)
         assert all(torch.equal(f[k], r[k]) for k in f if k not in ("image", "region_image"))
+
+
+@pytest.mark.parametrize("bad", [[0.0, 1.0], [0.9, 0.5], [0.2, 1.5], ["a", 1.0], [0.5], 5, [True, 1.0]])
+def test_crop_scale_must_be_an_area_range(bad):
+    from types import SimpleNamespace
+
+    from shards.stream import DataError, StreamSettings
+    with pytest.raises(DataError, match="data.crop_scale"):
+        StreamSettings.from_config(SimpleNamespace(crop_scale=bad))
+    assert StreamSettings.from_config(SimpleNamespace(crop_scale=[0.8, 1.0])).crop_scale == (0.8, 1.0)
