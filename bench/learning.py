@@ -71,10 +71,9 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def launch(cmd: list[str], threads: int, log: Path, port: int) -> tuple[subprocess.Popen, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               MASTER_PORT=str(port))           # each run's one-process group on its own port
-    env.setdefault("WANDB_MODE", "offline")
+    from finetune.demo import stage_env
+
+    env = dict(stage_env(threads), TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(port))   # own group port
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "w")
     f.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")

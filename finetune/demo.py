@@ -31,12 +31,21 @@ def stage(msg: str) -> None:
     print(f"\n=== [demo] {msg}", flush=True)
 
 
+def stage_env(threads: int | None = None) -> dict[str, str]:
+    """Environment of a stage's child process: offline hubs, unbuffered output, wandb offline unless the user
+    chose otherwise, and `threads` torch threads when given."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("WANDB_MODE", "offline")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def run_cli(module: str, args: list[str], log: Path) -> None:
     """Run `python -m <module> <args>`; its output goes to the console and to `log`."""
     cmd = [sys.executable, "-m", module, *args]
     print("$ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("WANDB_MODE", "offline")
+    env = stage_env()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -54,9 +63,7 @@ def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> N
     """Run `python -m <module> <args>` jobs at the same time, `threads` torch threads each, output to their
     logs (a line per job when it ends). Used for the two fine-tuning runs: on a 2-core machine two one-thread
     processes finish sooner than two two-thread runs in a row, and both runs see the same machine state."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("WANDB_MODE", "offline")
+    env = stage_env(threads)
     procs = []
     from pretrain.distributed import free_ports
 
