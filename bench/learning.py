@@ -174,11 +174,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from shards.inputs import InputError
+
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                        # an --out that cannot be written
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     from finetune.references import language_blind_references
+    from shards.inputs import InputError
     from shards.synthetic_text import parse
 
     data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}",
                                    args.data_seed, args.images)
+    for part in ("raw/refer", "shards/refcoco", "tokenizer"):
+        if not (data / part).is_dir():
+            raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder")
     refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
