@@ -94,6 +94,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if info.rank == 0 and results:
         out = Path(cfg.run.out_dir) / "eval.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
+    summary["rank"] = info.rank
+    du.cleanup(synchronize=True)                # every rank leaves the process group before exit
     return summary
 
 
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pretrain.distributed import cleanup
     from pretrain.engine import TrainingDiverged
     try:
         summary = run(cfg)
@@ -120,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:                        # an unwritable run.out_dir, a full disk: one line, not a traceback
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup()                               # on an error path too (a no-op after run's own leave)
     from finetune.metrics import format_table
-    from pretrain.distributed import discover
-    if discover().rank == 0:
+    if summary.pop("rank") == 0:
         if summary.get("results"):
             print(format_table(summary["results"]))
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}, default=str))

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pretrain.distributed import discover
+    from pretrain.distributed import cleanup, discover
     from pretrain.engine import TrainingDiverged, train
     from pretrain.task import build_task
     from shards.stream import build_pretrain_loader
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, task, make_loader, batches_per_epoch=cfg.data.batches_per_epoch,
                         samples_per_batch=lambda b: int(b["image"].shape[0]) if "image" in b else 1)
+        cleanup(synchronize=True)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:                        # an unwritable run.out_dir, a full disk: one line, not a traceback
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup()                               # a no-op after the synchronised leave above
     if info.rank == 0:
         print(json.dumps(summary))
     return 0

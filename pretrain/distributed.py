@@ -163,6 +163,12 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return not any_rank(not flag, device)
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Leave the process group (every rank, before the interpreter exits). Without it, gloo's and the store's
+    C++ threads are still running when the process ends and a rank can abort at exit ("terminate called without
+    an active exception", exit -6) after a run that succeeded. `synchronize` first waits for every rank, so rank 0
+    (which hosts the store) does not tear it down under a rank still finishing; only on paths every rank takes."""
     if is_dist():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
