@@ -77,7 +77,7 @@ class LawViT(nn.Module):
         x = vit.patch_embed(images)
         if x.ndim == 4:                         # dynamic_img_size models return NHWC
             x = x.flatten(1, 2)
-        H, W = images.shape[-2] // vit.patch_embed.patch_size[0], images.shape[-1] // vit.patch_embed.patch_size[1]
+        H, W = vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))    # patchify or a conv stem
         if vit.pos_embed is not None:
             prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
             pos = vit.pos_embed[:, prefix:]

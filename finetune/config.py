@@ -58,10 +58,15 @@ class GroundingModelConfig:
     lap_dim: int = 64
     lap_geometry: bool = False              # box = LAP map's reference box + MLP correction (finetune/heads.py)
     rec_detach: bool = False                # the box head reads the backbone's features without training them
+    text_pool: str = "cls"                  # the expression vector the heads read: cls (VG-LAW) | mean (of the tokens)
     head_hidden: int = 256
     res_hidden: int = 256
     mask_threshold: float = 0.35
     mask_grounding: MaskGroundingConfig = field(default_factory=MaskGroundingConfig)
+
+    def validate(self) -> None:
+        if self.text_pool not in ("cls", "mean"):
+            raise ConfigError(f"model.text_pool: expected cls or mean, got {self.text_pool!r}")
 
 
 @dataclass

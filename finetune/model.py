@@ -9,13 +9,22 @@ from finetune.backbone import LawViT
 from finetune.heads import RecHead, ResHead
 
 
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid tokens: [B,L,D], [B,L] -> [B,D]."""
+    m = mask.to(tokens.dtype)[..., None]
+    return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class VGLaw(nn.Module):
     """`text` maps (ids [B,L], mask [B,L]) to features [B,L,d_l]; `vision` is a LawViT."""
 
     def __init__(self, text: nn.Module, vision: LawViT, text_dim: int, *, lap_dim: int = 64,
                  head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
-                 lap_geometry: bool = False, rec_detach: bool = False) -> None:
+                 lap_geometry: bool = False, rec_detach: bool = False, text_pool: str = "cls") -> None:
         super().__init__()
+        if text_pool not in ("cls", "mean"):
+            raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
+        self.text_pool = text_pool
         self.text = text
         self.vision = vision
         vis_dim = vision.embed_dim
@@ -32,7 +41,7 @@ class VGLaw(nn.Module):
         grid (H, W) ("grid"), visual tokens [B,N,C], text features [B,L,d_l]."""
         text = self.encode_text(text_ids, text_mask)
         visual, hw = self.vision(image, text, text_mask)
-        cls = text[:, 0]
+        cls = text[:, 0] if self.text_pool == "cls" else masked_mean(text, text_mask)
         boxes, attn = self.rec_head(visual, cls, hw)
         mask_logits = self.res_head(visual, hw, cls, tuple(image.shape[-2:]))
         return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "grid": hw, "visual": visual,

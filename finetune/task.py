@@ -118,7 +118,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
                     groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
-                 rec_detach=cfg.rec_detach)
+                 rec_detach=cfg.rec_detach, text_pool=cfg.text_pool)
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

@@ -35,6 +35,8 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
         raise ConfigError(f"model.vision.name: {e}") from None
     except TypeError as e:          # a timm_kwargs entry the model does not take
         raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
+    if cfg.conv_stem:
+        add_conv_stem(model, cfg.conv_stem, cfg.img_size)
     if cfg.checkpoint:
         load_vision_weights(model, cfg.checkpoint)
     elif cfg.pos_embed_init == "sincos":
@@ -44,6 +46,30 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def add_conv_stem(model: nn.Module, widths: list, img_size: int) -> None:
+    """Replace a ViT's patchify layer with a convolutional stem (Xiao et al., "Early Convolutions Help
+    Transformers See Better", 2021): one 3x3 stride-2 conv per entry of `widths` (BatchNorm + ReLU between them;
+    the last one linear and `embed_dim` wide), so len(widths) convs reach the patch stride (16 = four convs).
+    Built from timm's own ConvStem and HybridEmbed; blocks, position embeddings and token grid are unchanged."""
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                               for w in widths):
+        raise ConfigError(f"model.vision.conv_stem: expected a list of positive channel widths, got {widths!r}")
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "patch_size"):
+        raise ConfigError(f"model.vision.conv_stem: {type(model).__name__} has no ViT patch embedding")
+    patch, dim = int(embed.patch_size[0]), int(model.embed_dim)
+    if 2 ** len(widths) != patch:
+        raise ConfigError(f"model.vision.conv_stem: {len(widths)} stride-2 convs reach stride {2 ** len(widths)}, "
+                          f"not the model's patch size {patch}")
+    if widths[-1] != dim:
+        raise ConfigError(f"model.vision.conv_stem: the last width {widths[-1]} must be the embed_dim {dim}")
+    stem = ConvStem(depth=len(widths), channels=tuple(widths), kernel_size=3, stride=(2,) * len(widths), padding=1)
+    model.patch_embed = HybridEmbed(stem, img_size=img_size, patch_size=1, embed_dim=dim, proj=False)
 
 
 def init_sincos_pos_embed(model: nn.Module) -> None:

@@ -202,3 +202,14 @@ def test_short_overfit_answers_two_expressions_on_one_image_differently():
     iou = elementwise_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(boxes))
     assert (iou > 0.5).all(), iou
     assert (pred[0] - pred[1]).abs().max() > 0.2
+
+
+def test_text_pool_mean_ignores_padding_and_is_validated():
+    from finetune.config import GroundingModelConfig
+    from finetune.model import masked_mean
+    from pretrain.config import ConfigError, from_dict
+
+    tokens = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert torch.allclose(masked_mean(tokens, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+    with pytest.raises(ConfigError, match="model.text_pool: expected cls or mean"):
+        from_dict(GroundingModelConfig, {"text_pool": "max"}, prefix="model.")

@@ -103,3 +103,34 @@ def test_bert_config_errors():
         build_bert_config(tiny_text_cfg(text_layers=4))
     with pytest.raises(ConfigError, match="not a BERT checkpoint"):
         build_bert_config(tiny_text_cfg(bert="/nonexistent/bert"))
+
+
+def test_conv_stem_keeps_the_token_grid_and_loads_at_another_size():
+    """model.vision.conv_stem: four 3x3/2 convs replace the /16 patchify; same tokens out, resampled on load, and
+    the fine-tuning backbone reads its grid from the stem."""
+    from finetune.backbone import LawViT
+
+    kw = {"depth": 2}
+    a = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs=kw,
+                                          conv_stem=[24, 48, 96, 192]))
+    assert not hasattr(a.patch_embed, "proj") or not isinstance(a.patch_embed.proj, torch.nn.Conv2d)
+    x = torch.randn(2, 3, 64, 64)
+    tok = vision_tokens(a, x)
+    assert tok.shape == (2, 1 + 4 * 4, 192)
+    tok.sum().backward()
+    assert a.patch_embed.backbone[0].conv.weight.grad.abs().sum() > 0
+    b = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=96, timm_kwargs=kw,
+                                          conv_stem=[24, 48, 96, 192]))
+    load_vision_weights(b, a.state_dict())
+    assert torch.equal(b.patch_embed.backbone[0].conv.weight, a.patch_embed.backbone[0].conv.weight)
+    tokens, hw = LawViT(b, 192, law=False, global_blocks=[1])(torch.randn(1, 3, 96, 96))
+    assert hw == (6, 6) and tokens.shape == (1, 36, 192)
+
+
+@pytest.mark.parametrize("widths, msg", [([24, 48, 192], "stride 8, not the model's patch size 16"),
+                                         ([24, 48, 96, 100], "last width 100 must be the embed_dim 192"),
+                                         ("wide", "list of positive channel widths")])
+def test_conv_stem_errors(widths, msg):
+    with pytest.raises(ConfigError, match=msg):
+        build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
+                                          conv_stem=widths))
