@@ -43,7 +43,7 @@ class LawViT(nn.Module):
 
     def __init__(self, vit: nn.Module, text_dim: int, *, window_size: int = 14,
                  global_blocks: Sequence[int] = (2, 5, 8, 11), law: bool = True,
-                 groups: int = 12, reduction: int = 16, rank: int = 32) -> None:
+                 groups: int = 12, reduction: int = 16, rank: int = 32, init_std: float = 0.0) -> None:
         super().__init__()
         blocks = list(vit.blocks)
         for i, blk in enumerate(blocks):
@@ -59,7 +59,7 @@ class LawViT(nn.Module):
         qkv_out = blocks[0].attn.qkv.out_features
         self.grad_checkpointing = False
         self.law = (LanguageAdaptiveWeights(len(blocks), text_dim, dim, qkv_out, groups=groups,
-                                            reduction=reduction, rank=rank) if law else None)
+                                            reduction=reduction, rank=rank, init_std=init_std) if law else None)
 
     @property
     def embed_dim(self) -> int:

@@ -55,6 +55,7 @@ class GroundingModelConfig:
     law_groups: int = 12
     law_reduction: int = 16
     law_rank: int = 32                      # d_w
+    law_init_std: float = 0.0               # std of Phi's generator weight at init; 0 = zeros (the MindSpore port)
     lap_dim: int = 64
     lap_geometry: bool = False              # box = LAP map's reference box + MLP correction (finetune/heads.py)
     rec_detach: bool = False                # the box head reads the backbone's features without training them
@@ -65,6 +66,8 @@ class GroundingModelConfig:
     mask_grounding: MaskGroundingConfig = field(default_factory=MaskGroundingConfig)
 
     def validate(self) -> None:
+        if self.law_init_std < 0:
+            raise ConfigError(f"model.law_init_std: must be >= 0, got {self.law_init_std}")
         if self.text_pool not in ("cls", "mean"):
             raise ConfigError(f"model.text_pool: expected cls or mean, got {self.text_pool!r}")
 

@@ -4,7 +4,7 @@ For backbone block i: a learnable layer embedding e_i attends over the text toke
 masked) -> h_0^i; h_1^i = GELU(LN(W_1^i h_0^i)) reduces d_l to d_h = d_l / r; Phi^i(h_1^i) is a d_w x d_w
 matrix, and the block's qkv weight becomes W = W_0 + P Phi Q^T with P (d_out x d_w) and Q (d_in x d_w) shared
 by all blocks. Phi's weight and bias start at zero (the MindSpore port's default), so training starts from
-the unmodified backbone.
+the unmodified backbone; `init_std > 0` draws Phi's weight from N(0, init_std^2) instead.
 
 All blocks' Phi are produced at once (einsum over the layer axis); the per-sample weight is never built:
 x W^T = x W_0^T + ((x Q) Phi^T) P^T is two thin batched matmuls on top of the static projection.
@@ -22,7 +22,7 @@ class LanguageAdaptiveWeights(nn.Module):
     """Generates Phi for `num_layers` blocks from text features and applies W_0 + P Phi Q^T."""
 
     def __init__(self, num_layers: int, text_dim: int, in_dim: int, out_dim: int, *,
-                 groups: int = 12, reduction: int = 16, rank: int = 32) -> None:
+                 groups: int = 12, reduction: int = 16, rank: int = 32, init_std: float = 0.0) -> None:
         super().__init__()
         if text_dim % groups:
             raise ValueError(f"text width {text_dim} is not divisible by {groups} LAW groups")
@@ -44,6 +44,8 @@ class LanguageAdaptiveWeights(nn.Module):
         nn.init.uniform_(self.fc_weight, -bound, bound)
         nn.init.normal_(self.P, std=1.0 / math.sqrt(rank))
         nn.init.normal_(self.Q, std=1.0 / math.sqrt(in_dim))
+        if init_std > 0:                # the expression changes the weights from the first step (bias stays 0)
+            nn.init.normal_(self.phi_weight, std=init_std)
 
     def aggregate(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grouped attention of each layer embedding over the tokens: (h_0 [B,n,d_l], alpha [B,n,G,L])."""

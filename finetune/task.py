@@ -115,7 +115,8 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     text = build_text_encoder(cfg.text, vocab_size)
     d_l = text.hidden_size
     vision = LawViT(vit, d_l, window_size=cfg.window_size, global_blocks=cfg.global_blocks, law=cfg.law,
-                    groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank)
+                    groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank,
+                    init_std=cfg.law_init_std)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, text_pool=cfg.text_pool)

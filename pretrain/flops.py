@@ -59,9 +59,10 @@ def _counted_forward(model: nn.Module, img_size: int) -> float:
 
 
 def vision_forward(model: nn.Module, img_size: int) -> float:
-    """Forward FLOPs of one image: analytic for ViTs, counted once for other timm families."""
+    """Forward FLOPs of one image: analytic for patchify ViTs, counted once for other timm families and for
+    ViTs with a convolutional stem (model.vision.conv_stem)."""
     from timm.models.vision_transformer import VisionTransformer
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, VisionTransformer) and isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
         return vit_forward(model)
     return _counted_forward(model, img_size)
 

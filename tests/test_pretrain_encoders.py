@@ -117,6 +117,8 @@ def test_conv_stem_keeps_the_token_grid_and_loads_at_another_size():
     x = torch.randn(2, 3, 64, 64)
     tok = vision_tokens(a, x)
     assert tok.shape == (2, 1 + 4 * 4, 192)
+    from pretrain.flops import vision_forward          # the MFU logger counts what it cannot derive
+    assert vision_forward(a, 64) > 2 * 17 * 2 * (3 * 192 * 192)
     tok.sum().backward()
     assert a.patch_embed.backbone[0].conv.weight.grad.abs().sum() > 0
     b = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=96, timm_kwargs=kw,
