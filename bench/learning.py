@@ -81,9 +81,11 @@ def launch(cmd: list[str], threads: int, log: Path, port: int) -> tuple[subproce
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), time.perf_counter()
 
 
-def read_curve(run_dir: Path, total: int) -> list[dict]:
-    """Evaluation points from metrics.jsonl and the per-expression dumps: one dict per evaluated step."""
+def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None) -> list[dict]:
+    """Evaluation points from metrics.jsonl and the per-expression dumps: one dict per evaluated step. With
+    `targets` ({split: finetune.references.ref_targets}) each point also gets the distinct-answer rate."""
     from finetune.demo import kind_breakdown
+    from finetune.references import distinct_answer_rate
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     samples = 0
@@ -96,10 +98,17 @@ def read_curve(run_dir: Path, total: int) -> list[dict]:
         step = int(r["step"])
         sub = "" if step >= total else f"step{step:06d}"
         p = {"step": step, "samples": samples, "splits": {}, "kinds": {}}
+        pairs = differ = 0
         for s in SPLITS:
             if f"eval/{s}/rec_prec@0.5" in r:          # finetune.__main__.flat_metrics' keys
                 p["splits"][s] = {"rec": r[f"eval/{s}/rec_prec@0.5"], "miou": r.get(f"eval/{s}/miou")}
-                p["kinds"][s] = kind_breakdown(run_dir / "eval" / sub / f"{s}.jsonl")
+                dump = run_dir / "eval" / sub / f"{s}.jsonl"
+                p["kinds"][s] = kind_breakdown(dump)
+                if targets and dump.is_file():
+                    d = distinct_answer_rate([json.loads(x) for x in dump.read_text().splitlines() if x.strip()],
+                                             targets[s])
+                    pairs, differ = pairs + d["pairs"], differ + d["rate"] * d["pairs"]
+        p["distinct_answers"] = differ / pairs if pairs else None
         points.append(p)
     speeds = [r["samples_per_s_gpu"] for r in rows if "samples_per_s_gpu" in r]
     for p in points:
@@ -127,7 +136,7 @@ def kinds_pooled(p: dict) -> dict[str, dict]:
 def print_table(name: str, points: list[dict], wall: float) -> None:
     print(f"\n## {name}  (wall {wall / 60:.1f} min)")
     head = "| step | samples | " + " | ".join(f"{s} P@0.5 / mIoU" for s in SPLITS) + \
-        " | attribute | superlative | relation | samples/s |"
+        " | attribute | superlative | relation | distinct answers | samples/s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for p in points:
@@ -139,6 +148,7 @@ def print_table(name: str, points: list[dict], wall: float) -> None:
         for k in ("attribute", "superlative", "relation"):
             v = kinds.get(k)
             cells.append(f"{v['rec']:.3f} / {v['miou']:.3f}" if v else "-")
+        cells.append(f"{p['distinct_answers']:.2f}" if p.get("distinct_answers") is not None else "-")
         cells.append(f"{p['samples_per_s']:.1f}" if p.get("samples_per_s") else "-")
         print("| " + " | ".join(cells) + " |")
 
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.references import language_blind_references
+    from finetune.references import language_blind_references, ref_targets
     from shards.inputs import InputError
     from shards.synthetic_text import parse
 
@@ -197,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         if not (data / part).is_dir():
             raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder")
     refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
+    targets = {s: ref_targets(data / "raw" / "refer", s) for s in SPLITS}
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
     from pretrain.distributed import free_ports
@@ -219,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: run {name} failed with exit code {rc}; log: {run_dir / 'log.txt'}", file=sys.stderr)
             failed = True
             continue
-        points = read_curve(run_dir, args.steps)
+        points = read_curve(run_dir, args.steps, targets)
         print_table(f"{name}: {' '.join(args.overrides + extra) or '(config as is)'}", points, wall)
         last = points[-1] if points else None
         result["runs"][name] = {"overrides": args.overrides + extra, "wall_s": wall, "curve": points,

@@ -98,3 +98,29 @@ def _summarise(rows: list[tuple[str | None, dict[str, tuple[float, float]]]]) ->
         out["kinds"] = {k: {"n": sum(1 for kk, _ in rows if kk == k), **mean([r for r in rows if r[0] == k])}
                         for k in kinds}
     return out
+
+
+def ref_targets(refer_root: str | Path, split: str, *, dataset: str = "refcoco",
+                split_by: str = "unc") -> dict[int, tuple[int, int]]:
+    """{ref_id: (image_id, ann_id)} for the refs of one split."""
+    refs = load_refs(refs_path(Path(refer_root), dataset, split_by))
+    return {int(r["ref_id"]): (int(r["image_id"]), int(r["ann_id"])) for r in refs if r.get("split") == split}
+
+
+def distinct_answer_rate(rows: list[dict], targets: dict[int, tuple[int, int]]) -> dict:
+    """How much the answers depend on the expression: over every pair of expressions on one image that name
+    *different* objects, the fraction whose predicted boxes differ (IoU < 0.5 with each other). A model that
+    ignores the expression answers each image the same way (rate 0); the ground truth scores 1 on the synthetic
+    scenes (objects never overlap). `rows` are evaluation dump lines (ref_id, bbox [x, y, w, h])."""
+    by_image: dict[int, list[tuple[int, list[float]]]] = defaultdict(list)
+    for r in rows:
+        image_id, ann_id = targets[int(r["ref_id"])]
+        by_image[image_id].append((ann_id, r["bbox"]))
+    pairs = differ = 0
+    for answers in by_image.values():
+        for i in range(len(answers)):
+            for j in range(i + 1, len(answers)):
+                if answers[i][0] != answers[j][0]:
+                    pairs += 1
+                    differ += box_iou_xywh(answers[i][1], answers[j][1]) < 0.5
+    return {"pairs": pairs, "rate": differ / pairs if pairs else float("nan")}

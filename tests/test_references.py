@@ -56,3 +56,18 @@ def test_references_per_kind(refer_root):
     assert r["kinds"]["superlative"]["n"] == 1 and r["kinds"]["attribute"]["n"] == 2
     assert r["kinds"]["superlative"]["largest_object"]["rec"] == 0.0
     assert r["kinds"]["attribute"]["largest_object"]["rec"] == pytest.approx(0.5)
+
+
+def test_distinct_answer_rate_counts_pairs_with_different_targets_only():
+    from finetune.references import distinct_answer_rate
+
+    # image 1: refs 10 and 11 name objects 100 and 101, ref 12 names 100 again; image 2: refs 20, 21
+    targets = {10: (1, 100), 11: (1, 101), 12: (1, 100), 20: (2, 200), 21: (2, 201)}
+    rows = [{"ref_id": 10, "bbox": [0, 0, 10, 10]},
+            {"ref_id": 11, "bbox": [50, 50, 10, 10]},       # differs from 10 -> counts
+            {"ref_id": 12, "bbox": [1, 1, 10, 10]},         # same target as 10: not a pair; vs 11 differs
+            {"ref_id": 20, "bbox": [0, 0, 10, 10]},
+            {"ref_id": 21, "bbox": [0, 0, 10, 11]}]         # same answer for a different target
+    out = distinct_answer_rate(rows, targets)
+    assert out["pairs"] == 3 and out["rate"] == pytest.approx(2 / 3)
+    assert distinct_answer_rate([], targets)["pairs"] == 0
