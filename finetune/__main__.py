@@ -73,7 +73,7 @@ def run(cfg: FinetuneConfig) -> dict:
     def make_loader(epoch: int, start_batch: int):
         return build_grounding_loader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, train=True,
                                       epoch=epoch, start_batch=start_batch, rank=info.rank,
-                                      world_size=info.world_size, seed=cfg.run.seed)
+                                      world_size=info.world_size, seed=cfg.run.seed, paired=d.paired)
 
     results: dict[str, dict] = {}
 

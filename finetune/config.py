@@ -93,10 +93,14 @@ class GroundingDataConfig:
     batch_size: int = 32                    # per GPU
     num_workers: int = 4
     batches_per_epoch: int = 0              # 0 = one pass over the train split per epoch (per rank)
+    paired: bool = False                    # batches of expression pairs: one image, two different targets
 
     def validate(self) -> None:
         check_min("data", self, {"image_size": 16, "max_len": 3, "batch_size": 1, "num_workers": 0,
                                  "batches_per_epoch": 0})
+        if self.paired and self.batch_size % 2:
+            raise ConfigError(f"data.paired needs an even data.batch_size (pairs must not straddle batches), "
+                              f"got {self.batch_size}")
 
 
 @dataclass

@@ -299,18 +299,27 @@ class _SkipFirst(Sampler[int]):
 def build_grounding_loader(shard_dir: str | Path | GroundingDataset, tokenizer: Any = None, *, train: bool,
                            batch_size: int, num_workers: int, rank: int, world_size: int, epoch: int, seed: int,
                            image_size: int = 448, max_len: int = 40, start_batch: int = 0,
-                           dataset: Optional[GroundingDataset] = None, **dataset_kw) -> DataLoader:
+                           dataset: Optional[GroundingDataset] = None, paired: bool = False,
+                           **dataset_kw) -> DataLoader:
     """A DataLoader of grounding batches for one rank and epoch. Training: shuffled `DistributedSampler`
     (equal steps on every rank, last partial batch dropped); `start_batch` skips the epoch's first batches
-    (index-only, so a resumed run sees the same remaining batches). Evaluation: `ExactDistributedSampler`, in
-    order, every expression once. `shard_dir` may be an already indexed `GroundingDataset` (or pass `dataset`)."""
+    (index-only, so a resumed run sees the same remaining batches); `paired` instead puts two expressions on one
+    image naming different objects next to each other (shards.paired_sampler; use an even batch size).
+    Evaluation: `ExactDistributedSampler`, in order, every expression once. `shard_dir` may be an already
+    indexed `GroundingDataset` (or pass `dataset`)."""
     if isinstance(shard_dir, GroundingDataset):
         dataset = shard_dir
     ds = dataset or GroundingDataset(shard_dir, tokenizer, train=train, image_size=image_size, max_len=max_len,
                                      seed=seed, **dataset_kw)
     ds.set_epoch(epoch)
-    if train:
-        sampler: Sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if train and paired:
+        from shards.paired_sampler import PairedExpressionSampler
+
+        targets = [(img, ds.images[img]["refs"][ri].get("ann_id", ri)) for img, ri, _ in ds.items]
+        sampler: Sampler = PairedExpressionSampler(targets, rank=rank, world_size=world_size, seed=seed)
+        sampler.set_epoch(epoch)
+    elif train:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
     else:
         sampler = ExactDistributedSampler(len(ds), rank=rank, world_size=world_size)
