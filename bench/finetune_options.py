@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny on CPU, base on CUDA")
     ap.add_argument("--batch", type=int, help="per-step batch (default 4 tiny, 32 base)")
-    ap.add_argument("--steps", type=int, help="timed steps per setting (default 5 tiny, 20 base)")
+    ap.add_argument("--steps", type=int, help="timed steps per setting (default 15 tiny, 20 base)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--text-len", type=int, default=20)
     ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="a subset of the settings (default all)")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
     batch_size = args.batch or (32 if preset == "base" else 4)
-    steps = args.steps or (20 if preset == "base" else 5)
+    steps = args.steps or 20 if preset == "base" else args.steps or 15
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
 
