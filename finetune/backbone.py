@@ -112,8 +112,10 @@ class LawViT(nn.Module):
         return attn.proj_drop(attn.proj(out))
 
     def forward(self, images: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images [B,3,S,S]; text features [B,L,d_l] + mask (required when LAW is on) -> tokens, grid."""
+                text_mask: torch.Tensor | None = None, taps: list[int] | None = None,
+                out: dict | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images [B,3,S,S]; text features [B,L,d_l] + mask (required when LAW is on) -> tokens, grid.
+        `taps`: block indices whose output tokens are stored in `out[i]` (AttBalance's per-layer maps)."""
         x, hw = self.embed(images)
         phi = None
         if self.law is not None:
@@ -127,6 +129,8 @@ class LawViT(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = self._block(blk, x, hw, self.is_windowed(i), p)
+            if taps and i in taps:
+                out[i] = x
         return self.vit.norm(x), hw
 
     def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], windowed: bool,

@@ -64,6 +64,20 @@ class GroundingModelConfig:
     res_hidden: int = 256
     mask_threshold: float = 0.35
     mask_grounding: MaskGroundingConfig = field(default_factory=MaskGroundingConfig)
+    attn_layers: list = field(default_factory=list)   # ViT blocks whose tokens get their own LAP map, constrained
+                                            # by loss.rac / loss.mrc beside the head's (AttBalance's per-layer maps)
+    cam: bool = False                       # MagNet's cross-modal alignment module after the backbone (finetune/cam.py)
+    cam_pools: list = field(default_factory=lambda: [1, 2, 4])   # CAM's pooling windows (token-grid cells)
+    cam_heads: int = 4                      # heads of CAM's two cross-attentions
+
+    def validate(self) -> None:
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.attn_layers):
+            raise ConfigError(f"model.attn_layers: expected ViT block indices (integers >= 0), got {self.attn_layers}")
+        if len(set(self.attn_layers)) != len(self.attn_layers):
+            raise ConfigError(f"model.attn_layers: repeated block index in {self.attn_layers}")
+        if not self.cam_pools or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.cam_pools):
+            raise ConfigError(f"model.cam_pools: expected a non-empty list of integers >= 1, got {self.cam_pools}")
+        check_min("model", self, {"cam_heads": 1})
 
     def validate(self) -> None:
         if self.law_init_std < 0:
@@ -80,8 +94,24 @@ class GroundingLossConfig:
     dice: float = 4.0
     mask_grounding: float = 1.0
     rac: float = 0.0                        # AttBalance's region attention constraint on the LAP map (0: off)
+    mrc: float = 0.0                        # AttBalance's momentum constraint KL(A_momentum || A) (0: off)
+    mrc_momentum: float = 0.999             # EMA coefficient of the momentum model (per optimizer step)
+    dat: bool = False                       # AttBalance's difficulty adaptive weights on the box losses
+    cal: float = 0.0                        # MagNet's cross-modal alignment loss, lambda_CAL (0: off)
+    cal_tau_pixel: float = 0.07             # tau_1 of the pixel-to-pixel InfoNCE
+    cal_tau_text: float = 0.07              # tau_2 of the pixel-to-text InfoNCE
+    cal_pixels: int = 512                   # pixels drawn per class (object / background) and sample; 0 = all
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+
+    def validate(self) -> None:
+        check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
+                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "cal_pixels": 0})
+        if not 0.0 <= self.mrc_momentum < 1.0:
+            raise ConfigError(f"loss.mrc_momentum must be in [0, 1), got {self.mrc_momentum}")
+        for key in ("cal_tau_pixel", "cal_tau_text"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"loss.{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -84,6 +84,12 @@ class RecHead(nn.Module):
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
+    def attention(self, visual: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """The LAP map alone [B,N] (what forward returns beside the boxes)."""
+        if self.detach:
+            visual, cls = visual.detach(), cls.detach()
+        return self.pool(visual, cls)[1]
+
     def forward(self, visual: torch.Tensor, cls: torch.Tensor,
                 hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """visual [B,N,C] on the token grid hw, cls [B,d_l] -> boxes [B,4], LAP attention [B,N]."""
@@ -108,10 +114,17 @@ class ResHead(nn.Module):
                                 nn.ConvTranspose2d(hidden, vis_dim, 2, 2))
         self.text_proj = nn.Linear(text_dim, vis_dim)
 
+    def pixel_embeddings(self, visual: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """visual [B,N,C] on grid hw -> pixel embeddings [B,C,4H,4W]."""
+        B, _, C = visual.shape
+        return self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
+
+    def logits(self, fmap: torch.Tensor, cls: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """pixel embeddings [B,C,h,w], cls [B,d_l] -> mask logits [B, *out_size]."""
+        logits = torch.einsum("bchw,bc->bhw", fmap, self.text_proj(cls)) / math.sqrt(fmap.shape[1])
+        return F.interpolate(logits[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
+
     def forward(self, visual: torch.Tensor, hw: tuple[int, int], cls: torch.Tensor,
                 out_size: tuple[int, int]) -> torch.Tensor:
         """visual [B,N,C] on grid hw, cls [B,d_l] -> mask logits [B, *out_size]."""
-        B, _, C = visual.shape
-        fmap = self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
-        logits = torch.einsum("bchw,bc->bhw", fmap, self.text_proj(cls)) / math.sqrt(C)
-        return F.interpolate(logits[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
+        return self.logits(self.pixel_embeddings(visual, hw), cls, out_size)

@@ -8,12 +8,18 @@ from torchvision.ops import sigmoid_focal_loss
 from pretrain.box_ops import box_cxcywh_to_xyxy, elementwise_giou
 
 
+def box_losses_per_sample(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, target [B,4] normalised (cx,cy,w,h) -> L1 (summed over the 4 coordinates) and 1 - GIoU, [B] each."""
+    pred, target = pred.float(), target.float()
+    l1 = F.l1_loss(pred, target, reduction="none").sum(-1)
+    giou = 1.0 - elementwise_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+    return l1, giou
+
+
 def box_losses(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """pred, target [B,4] normalised (cx,cy,w,h) -> {"l1", "giou"}, each averaged over the batch."""
-    pred, target = pred.float(), target.float()
-    l1 = F.l1_loss(pred, target, reduction="none").sum(-1).mean()
-    giou = (1.0 - elementwise_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))).mean()
-    return {"l1": l1, "giou": giou}
+    l1, giou = box_losses_per_sample(pred, target)
+    return {"l1": l1.mean(), "giou": giou.mean()}
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from finetune.backbone import LawViT
-from finetune.heads import RecHead, ResHead
+from finetune.cam import CrossModalAlignment
+from finetune.heads import LanguageAdaptivePooling, RecHead, ResHead
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -20,7 +21,8 @@ class VGLaw(nn.Module):
 
     def __init__(self, text: nn.Module, vision: LawViT, text_dim: int, *, lap_dim: int = 64,
                  head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
-                 lap_geometry: bool = False, rec_detach: bool = False, text_pool: str = "cls") -> None:
+                 lap_geometry: bool = False, rec_detach: bool = False, attn_layers: list[int] = (),
+                 cam: CrossModalAlignment | None = None, text_pool: str = "cls") -> None:
         super().__init__()
         if text_pool not in ("cls", "mean"):
             raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
@@ -32,20 +34,35 @@ class VGLaw(nn.Module):
                                 detach=rec_detach)
         self.res_head = ResHead(vis_dim, text_dim, hidden=res_hidden)
         self.mask_threshold = mask_threshold
+        # AttBalance's per-layer maps: a LAP map (own query/key) on each listed ViT block's tokens, for the
+        # attention losses only (the box and mask come from the last block as before)
+        self.attn_layers = [int(i) for i in attn_layers]
+        self.layer_pools = nn.ModuleList(LanguageAdaptivePooling(vis_dim, text_dim, lap_dim) for _ in self.attn_layers)
+        self.cam = cam
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(ids, mask)
 
-    def forward(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                attn_only: bool = False) -> dict[str, torch.Tensor] | list[torch.Tensor]:
         """-> boxes [B,4] normalised cxcywh in the input frame, mask_logits [B,S,S], lap_attn [B,N] on the token
-        grid (H, W) ("grid"), visual tokens [B,N,C], text features [B,L,d_l]."""
+        grid (H, W) ("grid"), visual tokens [B,N,C], text features [B,L,d_l], pixel embeddings [B,C,S/4,S/4]
+        ("pixel_emb"), and "attn_maps": the LAP maps the attention losses constrain (the head's first, then one
+        per model.attn_layers block). `attn_only`: just that list (the momentum model's pass)."""
         text = self.encode_text(text_ids, text_mask)
-        visual, hw = self.vision(image, text, text_mask)
+        taps = {}
+        visual, hw = self.vision(image, text, text_mask, taps=self.attn_layers or None, out=taps)
+        if self.cam is not None:
+            visual, text = self.cam(visual, hw, text, text_mask)
         cls = text[:, 0] if self.text_pool == "cls" else masked_mean(text, text_mask)
+        layer_maps = [pool(taps[i], cls)[1] for i, pool in zip(self.attn_layers, self.layer_pools)]
+        if attn_only:
+            return [self.rec_head.attention(visual, cls)] + layer_maps
         boxes, attn = self.rec_head(visual, cls, hw)
-        mask_logits = self.res_head(visual, hw, cls, tuple(image.shape[-2:]))
+        pixel_emb = self.res_head.pixel_embeddings(visual, hw)
+        mask_logits = self.res_head.logits(pixel_emb, cls, tuple(image.shape[-2:]))
         return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "grid": hw, "visual": visual,
-                "text": text}
+                "text": text, "pixel_emb": pixel_emb, "attn_maps": [attn] + layer_maps}
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,12 @@
 """GroundingTask: the training unit for the shared engine (VG-LAW + losses + Mask Grounding), and build_task.
 
-    L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg [+ rac * L_rac]
-    (defaults 1, 1, 4, 4, 1; rac, AttBalance's constraint on the LAP attention, off unless configured)
+    L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg
+        [+ rac * L_rac + mrc * L_mrc + cal * L_CAL]
+    (defaults 1, 1, 4, 4, 1; the bracketed terms are off unless configured: AttBalance's region attention
+    constraint and momentum constraint on the LAP maps (finetune/attbalance.py, finetune/momentum.py), MagNet's
+    cross-modal alignment loss (finetune/cal.py)). With `loss.dat` the box terms become AttBalance's
+    per-sample re-weighted `dat_box = mean_b W_b * (l1 * L1_b + giou * GIoU_b)` (finetune/dat.py); `l1` and
+    `giou` are still logged unweighted.
 
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
@@ -14,12 +19,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from finetune.attbalance import rac_loss
+from finetune.attbalance import rac_multi
 from finetune.backbone import LawViT
-from finetune.config import FinetuneConfig, GroundingLossConfig, GroundingModelConfig, MaskGroundingConfig
-from finetune.losses import box_losses, dice_loss, focal_loss
+from finetune.cal import CrossModalAlignmentLoss
+from finetune.cam import CrossModalAlignment
+from finetune.config import (ConfigError, FinetuneConfig, GroundingLossConfig, GroundingModelConfig,
+                             MaskGroundingConfig)
+from finetune.dat import dat_weights
+from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
 from finetune.model import VGLaw
+from finetune.momentum import MomentumModel, mrc_per_sample
+from pretrain.box_ops import box_cxcywh_to_xyxy, elementwise_iou
 from pretrain.encoders import build_text_encoder, build_vision_encoder
 
 
@@ -39,6 +50,15 @@ class GroundingTask(nn.Module):
         self.law_lr_mult = law_lr_mult
         self.text_len = text_len
         self._flops: float | None = None
+        # AttBalance's momentum model (fp32 EMA buffers, no parameters) and MagNet's CAL projection
+        self.momentum = MomentumModel(model, loss.mrc_momentum) if loss.mrc > 0 else None
+        self.cal = (CrossModalAlignmentLoss(model.text.hidden_size, model.vision.embed_dim, loss.cal_tau_pixel,
+                                            loss.cal_tau_text, loss.cal_pixels) if loss.cal > 0 else None)
+
+    def on_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step: the momentum model's EMA update."""
+        if self.momentum is not None:
+            self.momentum.update(self.model)
 
     def lr_multipliers(self) -> dict[str, float]:
         mults = {"model.vision.vit.": self.backbone_lr_mult, "model.text.": self.backbone_lr_mult}
@@ -80,13 +100,34 @@ class GroundingTask(nn.Module):
         ids, mask = batch["text_ids"], batch["text_mask"]
         out = self.model(image, ids, mask)
         c = self.loss_cfg
-        terms = box_losses(out["boxes"], batch["bbox"])
+        boxes = batch["bbox"]
+        l1, giou = box_losses_per_sample(out["boxes"], boxes)
+        terms = {"l1": l1.mean(), "giou": giou.mean()}
         terms["focal"] = focal_loss(out["mask_logits"], batch["mask"], c.focal_alpha, c.focal_gamma)
         terms["dice"] = dice_loss(out["mask_logits"], batch["mask"])
-        weights = {"l1": c.l1, "giou": c.giou, "focal": c.focal, "dice": c.dice}
+        weights = {"focal": c.focal, "dice": c.dice}
+        attn_reg = None                                 # L_ar per sample, for DAT
         if c.rac > 0:
-            terms["rac"] = rac_loss(out["lap_attn"], batch["bbox"], out["grid"])
-            weights["rac"] = c.rac
+            iou = elementwise_iou(box_cxcywh_to_xyxy(out["boxes"].detach().float()),
+                                  box_cxcywh_to_xyxy(boxes.float()))
+            per, _ = rac_multi(out["attn_maps"], boxes, out["grid"], iou)
+            terms["rac"], weights["rac"] = per.mean(), c.rac
+            attn_reg = per.detach()
+        if self.momentum is not None and self.training:
+            self.momentum.ensure_initialised(self.model)
+            per = mrc_per_sample(self.momentum.attention_maps(self.model, image, ids, mask), out["attn_maps"])
+            terms["mrc"], weights["mrc"] = per.mean(), c.mrc
+            attn_reg = per.detach() if attn_reg is None else attn_reg + per.detach()
+        if c.dat:
+            w = dat_weights(attn_reg, boxes)
+            terms["dat_box"], weights["dat_box"] = (w * (c.l1 * l1 + c.giou * giou)).mean(), 1.0
+            terms["dat_weight"] = w.mean()
+        else:
+            weights.update(l1=c.l1, giou=c.giou)
+        if self.cal is not None:
+            cal = self.cal(out["pixel_emb"], batch["mask"], out["text"], mask)
+            terms.update(cal)
+            weights["cal"] = c.cal
         if self.mask_grounding is not None and self.training and c.mask_grounding > 0:
             terms["mask_grounding"] = self.mask_grounding_loss(batch, image, out)
             weights["mask_grounding"] = c.mask_grounding
@@ -109,17 +150,28 @@ class GroundingTask(nn.Module):
 
 
 def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGLaw:
-    """VG-LAW from config: timm ViT (at cfg.vision.img_size) + TextEncoder + LAW + heads, randomly initialised
-    unless cfg.vision.checkpoint / cfg.text.bert point at weights."""
+    """VG-LAW from config: timm ViT (at cfg.vision.img_size) + TextEncoder + LAW + heads (+ MagNet's CAM with
+    model.cam, + per-block LAP maps with model.attn_layers), randomly initialised unless cfg.vision.checkpoint /
+    cfg.text.bert point at weights."""
     vit = build_vision_encoder(cfg.vision)
+    depth = len(vit.blocks)
+    bad = [i for i in cfg.attn_layers if i >= depth]
+    if bad:
+        raise ConfigError(f"model.attn_layers: block {bad[0]} does not exist (the ViT has blocks 0-{depth - 1})")
     text = build_text_encoder(cfg.text, vocab_size)
     d_l = text.hidden_size
     vision = LawViT(vit, d_l, window_size=cfg.window_size, global_blocks=cfg.global_blocks, law=cfg.law,
                     groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank,
                     init_std=cfg.law_init_std)
+    cam = None
+    if cfg.cam:
+        if vision.embed_dim % cfg.cam_heads or d_l % cfg.cam_heads:
+            raise ConfigError(f"model.cam_heads={cfg.cam_heads} must divide the visual width {vision.embed_dim} "
+                              f"and the text width {d_l}")
+        cam = CrossModalAlignment(vision.embed_dim, d_l, pools=cfg.cam_pools, heads=cfg.cam_heads)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
-                 rec_detach=cfg.rec_detach, text_pool=cfg.text_pool)
+                 rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool)
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

@@ -2,7 +2,8 @@
 
     summary = train(cfg, task, make_loader, batches_per_epoch=1000)
 
-`task(batch)` returns a dict with a scalar "loss" and other scalar terms to log. The loop runs DeepSpeed
+`task(batch)` returns a dict with a scalar "loss" and other scalar terms to log; a task method
+`on_optimizer_step()`, if present, runs after every optimizer step (an EMA model's update). The loop runs DeepSpeed
 (ZeRO 0-3, bf16/fp32, offload) or, with `engine.deepspeed: false`, the same loop on a plain PyTorch engine.
 It counts optimizer steps up to `optim.total_steps`; the epoch advances after `batches_per_epoch` batches
 per rank, and `make_loader(epoch, start_batch)` lets a resumed run continue the same data order. A
@@ -215,6 +216,9 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                     for k, v in out.items():
                         if isinstance(v, torch.Tensor) and v.numel() == 1:
                             sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+                hook = getattr(engine.module, "on_optimizer_step", None)
+                if callable(hook):              # e.g. a momentum (EMA) model's update, after the step
+                    hook()
                 step += 1
                 dt = time.perf_counter() - t_step
                 # one all-reduce per step: preemption flag, samples and the logged terms
