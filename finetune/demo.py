@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
               "Fine-tuning (VG-LAW + Mask Grounding)": {
                   init: read_metrics(out / "finetune" / init / "metrics.jsonl") for init in results}}
     timings["total"] = time.perf_counter() - t_all
-    notes = compare_notes(results) + reference_notes(out / "raw" / "refer", splits)
+    notes = compare_notes(results) + reference_notes(out / "raw" / "refer", splits) + \
+        language_use_notes(out, list(results), splits)
     by_kind = {init: {split: kind_breakdown(out / "finetune" / init / "eval" / f"{split}.jsonl")
                       for split in results[init]} for init in results}
     report = write_report(out, results=results, manifests=manifests, curves=curves, examples=examples,
@@ -301,6 +302,29 @@ def reference_notes(refer_root: Path, splits: list[str]) -> list[str]:
                      f"{r['random_object']['rec']:.3f} / {r['random_object']['miou']:.3f}, largest object "
                      f"{r['largest_object']['rec']:.3f} / {r['largest_object']['miou']:.3f}, all objects "
                      f"{r['all_objects']['rec']:.3f} / {r['all_objects']['miou']:.3f}")
+    return notes
+
+
+def language_use_notes(out: Path, inits: list[str], splits: list[str]) -> list[str]:
+    """One line per run: the distinct-answer rate over all splits (finetune.references.distinct_answer_rate:
+    pairs of expressions on one image naming different objects whose predicted boxes differ; 0 = the answers
+    ignore the expression, 1 = the ground truth)."""
+    from finetune.references import distinct_answer_rate, ref_targets
+
+    targets = {s: ref_targets(out / "raw" / "refer", s) for s in splits}
+    notes = []
+    for init in inits:
+        pairs = differ = 0.0
+        for split in splits:
+            dump = out / "finetune" / init / "eval" / f"{split}.jsonl"
+            if dump.is_file():
+                d = distinct_answer_rate([json.loads(x) for x in dump.read_text().splitlines() if x.strip()],
+                                         targets[split])
+                if d["pairs"]:
+                    pairs, differ = pairs + d["pairs"], differ + d["rate"] * d["pairs"]
+        if pairs:
+            notes.append(f"{init}: distinct answers {differ / pairs:.2f} over {int(pairs)} pairs of expressions on one "
+                         f"image naming different objects (0 = the expression is ignored, 1 = ground truth)")
     return notes
 
 

@@ -1,6 +1,7 @@
 """The README's main command on a shortened budget: same code path (every converter, pretraining, fine-tuning
 from the pretraining export and from scratch, evaluation, report), fewer images and steps."""
 import json
+import re
 import math
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
     assert "| pretrained | val |" in report and "| scratch | testB |" in report
     assert "### By expression kind" in report and "| pretrained | val |" in report.split("### By expression kind")[1]
     assert "## Shard sets" in report and "| refcoco/train |" in report and "excluded_refer" in report
+    assert re.search(r"pretrained: distinct answers [01]\.\d\d over \d+ pairs", proc.stdout)
     for png in ("curves_0.png", "curves_1.png", "predictions.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
