@@ -66,8 +66,9 @@ def run(cfg: FinetuneConfig) -> dict:
         load_pretrained(task.model, cfg.init_from)
     info = du.discover()
     d = cfg.data
+    max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching
     dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
-                               seed=cfg.run.seed)
+                               seed=cfg.run.seed, max_targets=max_targets)
     batches = d.batches_per_epoch or max(1, len(dataset) // (d.batch_size * info.world_size))
 
     def make_loader(epoch: int, start_batch: int):

@@ -14,7 +14,8 @@ from typing import Optional
 from pretrain.config import (ConfigError, check_min, EngineConfig, OptimConfig, RunConfig, TextConfig, VisionConfig,
                              load_config, save_config)
 
-__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig", "GroundingLossConfig",
+__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig",
+           "MdetrHeadConfig", "GroundingLossConfig",
            "GroundingDataConfig", "EvalConfig", "load_config", "save_config", "ConfigError"]
 
 
@@ -46,6 +47,26 @@ class MaskGroundingConfig:
 
 
 @dataclass
+class MdetrHeadConfig:
+    """The MDETR-style multi-instance head (model.head: mdetr, finetune/mdetr_head.py)."""
+    queries: int = 10                       # object queries = the most targets one expression can get
+    dim: int = 256                          # decoder width
+    depth: int = 3                          # decoder layers
+    heads: int = 8
+    align_dim: int = 64                     # contrastive alignment space (MDETR: 64)
+    score_threshold: float = 0.5            # a query answers when 1 - p(no object) reaches this
+
+    def validate(self) -> None:
+        if self.queries < 1 or self.depth < 1 or self.align_dim < 1 or self.heads < 1 or self.dim % self.heads:
+            raise ConfigError("model.mdetr: queries, depth, align_dim >= 1 and dim divisible by heads required")
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ConfigError(f"model.mdetr.score_threshold must be in (0, 1), got {self.score_threshold}")
+
+
+HEADS = ("vglaw", "mdetr")
+
+
+@dataclass
 class GroundingModelConfig:
     vision: VisionConfig = field(default_factory=_vision_448)   # img_size = fine-tuning resolution
     text: TextConfig = field(default_factory=TextConfig)
@@ -62,6 +83,12 @@ class GroundingModelConfig:
     res_hidden: int = 256
     mask_threshold: float = 0.35
     mask_grounding: MaskGroundingConfig = field(default_factory=MaskGroundingConfig)
+    head: str = "vglaw"                     # vglaw: one box + one mask; mdetr: N object queries (several or none)
+    mdetr: MdetrHeadConfig = field(default_factory=MdetrHeadConfig)
+
+    def validate(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head: expected one of {', '.join(HEADS)}, got {self.head!r}")
 
 
 @dataclass
@@ -74,6 +101,18 @@ class GroundingLossConfig:
     rac: float = 0.0                        # AttBalance's region attention constraint on the LAP map (0: off)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # model.head: mdetr only (finetune/mdetr_losses.py): l1/giou/focal/dice above weight the matched queries
+    token: float = 1.0                      # soft token prediction cross-entropy
+    align: float = 1.0                      # contrastive alignment (both directions)
+    align_temperature: float = 0.07
+    no_object: float = 0.1                  # weight of "no object" targets in the token loss (DETR's eos_coef)
+    cost_token: float = 1.0                 # Hungarian matching costs (MDETR: 1, 5, 2)
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+
+    def validate(self) -> None:
+        if self.align_temperature <= 0 or self.no_object < 0:
+            raise ConfigError("loss.align_temperature must be > 0 and loss.no_object >= 0")
 
 
 @dataclass
@@ -139,6 +178,8 @@ class FinetuneConfig:
         text_dim = self.model.text.hidden_size if not self.model.text.bert else None
         if text_dim is not None and text_dim % self.model.law_groups:
             raise ConfigError(f"model.law_groups={self.model.law_groups} must divide the text width {text_dim}")
+        if self.model.head == "mdetr" and self.loss.rac > 0:
+            raise ConfigError("loss.rac needs the LAP attention of model.head: vglaw (the mdetr head has none)")
         for key in ("backbone_lr_mult", "law_lr_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -108,10 +108,15 @@ class ResHead(nn.Module):
                                 nn.ConvTranspose2d(hidden, vis_dim, 2, 2))
         self.text_proj = nn.Linear(text_dim, vis_dim)
 
+    def pixel_embeddings(self, visual: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """visual [B,N,C] on grid hw -> pixel embeddings [B,C,4H,4W] (the multi-instance head reads them too)."""
+        B, _, C = visual.shape
+        return self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
+
     def forward(self, visual: torch.Tensor, hw: tuple[int, int], cls: torch.Tensor,
                 out_size: tuple[int, int]) -> torch.Tensor:
         """visual [B,N,C] on grid hw, cls [B,d_l] -> mask logits [B, *out_size]."""
-        B, _, C = visual.shape
-        fmap = self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
+        C = visual.shape[-1]
+        fmap = self.pixel_embeddings(visual, hw)
         logits = torch.einsum("bchw,bc->bhw", fmap, self.text_proj(cls)) / math.sqrt(C)
         return F.interpolate(logits[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]

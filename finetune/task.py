@@ -3,6 +3,10 @@
     L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg [+ rac * L_rac]
     (defaults 1, 1, 4, 4, 1; rac, AttBalance's constraint on the LAP attention, off unless configured)
 
+With model.head: mdetr the box and mask terms are those of the Hungarian-matched queries, plus
+token * L_soft_token + align * L_contrastive (finetune/mdetr_losses.py); Mask Grounding is unchanged (it reads
+the expression's merged mask and the union of its boxes).
+
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
 includes the language adaptive weight generator and the heads) and the generator at `law_lr_mult`.
@@ -19,6 +23,8 @@ from finetune.backbone import LawViT
 from finetune.config import FinetuneConfig, GroundingLossConfig, GroundingModelConfig, MaskGroundingConfig
 from finetune.losses import box_losses, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
+from finetune.mdetr_head import MdetrHead
+from finetune.mdetr_losses import mdetr_losses
 from finetune.model import VGLaw
 from pretrain.encoders import build_text_encoder, build_vision_encoder
 
@@ -60,6 +66,9 @@ class GroundingTask(nn.Module):
                      "text_mask": torch.ones(1, L, dtype=torch.long, device=p.device),
                      "bbox": torch.tensor([[0.5, 0.5, 0.2, 0.2]], device=p.device),
                      "mask": torch.zeros(1, *size, device=p.device)}
+            if self.model.multi:
+                batch.update(boxes=batch["bbox"][:, None], n_targets=torch.ones(1, dtype=torch.long, device=p.device),
+                             target_masks=batch["mask"][:, None])
             batch["text_ids"][0, 0] = self.special_ids[0] if self.special_ids else 0
             counter = FlopCounterMode(display=False)
             with torch.no_grad(), counter:
@@ -73,17 +82,24 @@ class GroundingTask(nn.Module):
         self.model.text.set_grad_checkpointing(enable)
 
     def _dtype(self) -> torch.dtype:
-        return self.model.rec_head.mlp[0].weight.dtype
+        return self.model.res_head.text_proj.weight.dtype
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = batch["image"].to(self._dtype())       # DeepSpeed bf16 does not autocast inputs
         ids, mask = batch["text_ids"], batch["text_mask"]
         out = self.model(image, ids, mask)
         c = self.loss_cfg
-        terms = box_losses(out["boxes"], batch["bbox"])
-        terms["focal"] = focal_loss(out["mask_logits"], batch["mask"], c.focal_alpha, c.focal_gamma)
-        terms["dice"] = dice_loss(out["mask_logits"], batch["mask"])
-        weights = {"l1": c.l1, "giou": c.giou, "focal": c.focal, "dice": c.dice}
+        if self.model.multi:
+            terms = mdetr_losses(out, batch, special_ids=self.special_ids, cost_token=c.cost_token,
+                                 cost_l1=c.cost_l1, cost_giou=c.cost_giou, no_object=c.no_object,
+                                 temperature=c.align_temperature, focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
+            weights = {"l1": c.l1, "giou": c.giou, "token": c.token, "align": c.align, "focal": c.focal,
+                       "dice": c.dice}
+        else:
+            terms = box_losses(out["boxes"], batch["bbox"])
+            terms["focal"] = focal_loss(out["mask_logits"], batch["mask"], c.focal_alpha, c.focal_gamma)
+            terms["dice"] = dice_loss(out["mask_logits"], batch["mask"])
+            weights = {"l1": c.l1, "giou": c.giou, "focal": c.focal, "dice": c.dice}
         if c.rac > 0:
             terms["rac"] = rac_loss(out["lap_attn"], batch["bbox"], out["grid"])
             weights["rac"] = c.rac
@@ -116,9 +132,14 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     d_l = text.hidden_size
     vision = LawViT(vit, d_l, window_size=cfg.window_size, global_blocks=cfg.global_blocks, law=cfg.law,
                     groups=cfg.law_groups, reduction=cfg.law_reduction, rank=cfg.law_rank)
+    mdetr = None
+    if cfg.head == "mdetr":
+        m = cfg.mdetr
+        mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
+                          heads=m.heads, align_dim=m.align_dim)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
-                 rec_detach=cfg.rec_detach)
+                 rec_detach=cfg.rec_detach, mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold)
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:
