@@ -35,6 +35,9 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
         out[f"{split}/rec_prec@0.5"] = r["rec"]["prec@0.5"]
         for k, v in r.get("res", {}).items():
             out[f"{split}/{k}"] = v
+        for k, v in (r.get("grefcoco") or {}).items():     # splits with several targets or none
+            if v is not None:
+                out[f"{split}/grefcoco_{k}"] = v
     return out
 
 
