@@ -75,7 +75,8 @@ class MdetrHead(nn.Module):
         pad = text_mask == 0
         memory = torch.cat([mem_v, mem_t], 1)
         key_pad = torch.cat([torch.zeros(B, mem_v.shape[1], dtype=torch.bool, device=pad.device), pad], 1)
-        tgt = self.query_embed.weight[None].expand(B, -1, -1).to(memory.dtype)
+        # repeat, not expand: a view of a parameter made under no_grad (the FLOP counter's pass) breaks module hooks
+        tgt = self.query_embed.weight[None].repeat(B, 1, 1).to(memory.dtype)
         hs = self.decoder(tgt, memory, memory_key_padding_mask=key_pad)
         tok = torch.einsum("bqd,bld->bql", self.token_query(hs), self.token_key(mem_t)) / math.sqrt(self.dim)
         tok = tok.masked_fill(pad[:, None, :], PAD_LOGIT)

@@ -26,7 +26,7 @@ class VGLaw(nn.Module):
         vis_dim = vision.embed_dim
         self.rec_head = None if mdetr is not None else RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden,
                                                                geometry=lap_geometry, detach=rec_detach)
-        self.res_head = ResHead(vis_dim, text_dim, hidden=res_hidden)
+        self.res_head = ResHead(vis_dim, None if mdetr is not None else text_dim, hidden=res_hidden)
         self.mdetr = mdetr
         self.mask_threshold = mask_threshold
         self.score_threshold = score_threshold

@@ -82,7 +82,7 @@ class GroundingTask(nn.Module):
         self.model.text.set_grad_checkpointing(enable)
 
     def _dtype(self) -> torch.dtype:
-        return self.model.res_head.text_proj.weight.dtype
+        return self.model.res_head.up[0].weight.dtype
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = batch["image"].to(self._dtype())       # DeepSpeed bf16 does not autocast inputs

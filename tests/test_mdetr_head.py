@@ -2,6 +2,7 @@
 finds its two targets, another its one target and a third none."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,39 @@ def test_short_overfit_finds_two_targets_one_and_none():
     for i, gt in ((0, two), (1, one[:1])):
         iou, _ = box_iou(box_cxcywh_to_xyxy(out["boxes"][i][kept[i]]), box_cxcywh_to_xyxy(gt))
         assert (iou.amax(0) > 0.5).all() and (iou.amax(1) > 0.5).all(), iou   # each target found, once
+
+
+def _unused(task, batch) -> list[str]:
+    task(batch)["loss"].backward()
+    return [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_every_parameter_trains():
+    """The head adds no parameter without a gradient (DeepSpeed and DDP need that): the mask head's [CLS]
+    projection is not built for the multi-instance head, whose queries take its place. (The ViT's cls_token is
+    unused by either head: LawViT drops it.)"""
+    torch.manual_seed(0)
+    task = build_task(tiny_config(**MDETR))
+    assert task.model.res_head.text_proj is None
+    b = tiny_batch(n=2)
+    b.update(boxes=torch.stack([b["bbox"], b["bbox"].flip(0)], 1), n_targets=torch.tensor([2, 1]),
+             target_masks=torch.stack([b["mask"], b["mask"]], 1).byte())
+    assert _unused(task, b) == _unused(build_task(tiny_config()), b) == ["model.vision.vit.cls_token"]
+    assert task.flops_per_sample() > 0                # the engine counts it under no_grad with module hooks
+
+
+def test_predict_image_answers_several_boxes(tok):
+    from PIL import Image
+
+    from finetune.predict import draw_prediction, predict_image
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**MDETR, **{"model.text.max_len": 16, "model.mdetr.score_threshold": 0.01}).model,
+                        len(tok)).eval()
+    image = torch.randint(0, 255, (3, 40, 60), dtype=torch.uint8)
+    pred = predict_image(model, image, "red circle", tok, image_size=64, max_len=16)
+    assert len(pred["bboxes"]) == len(pred["masks"]) == len(pred["scores"]) == 4 and not pred["no_target"]
+    assert pred["mask"].shape == (40, 60) and all(m.shape == (40, 60) for m in pred["masks"])
+    assert (pred["mask"] == np.logical_or.reduce(pred["masks"])).all()
+    pic = draw_prediction(Image.fromarray(image.permute(1, 2, 0).numpy()), pred["bbox"], pred["mask"], "x", [])
+    assert pic.size == (60, 40)
