@@ -4,9 +4,9 @@ An expression names several objects or none. Per expression the model answers wi
 its score threshold), a merged mask, and whether it says "no target" (`pred_none`). Records hold:
     gt_none, pred_none, n_gt, n_pred, tp   and   inter, union, mask_iou (merged masks, original pixels)
 (gt_none: the expression has no target; predictions files call the predicted one `no_target`)
-RES (GRES): a no-target expression answered with "no target" scores IoU 1 with I = U = 0; answered with a mask
-it scores IoU 0 and adds that mask to the union; a target expression answered with "no target" scores I = 0.
-These are exactly the per-expression I and U of the (forced-empty) predicted mask against the (possibly
+RES (GRES): a no-target expression answered with "no target" scores IoU 1 with I = U = 0; answered otherwise
+it scores IoU 0 (even with an empty mask) and adds its mask to the union; a target expression answered with "no target" scores I = 0.
+Otherwise these are the per-expression I and U of the (forced-empty) predicted mask against the (possibly
 empty) merged ground truth, so:
     gIoU = mean per-expression IoU,   cIoU = sum I / sum U,
     N-acc = no-target expressions answered "no target" / no-target expressions,
@@ -54,7 +54,9 @@ def generalised_record(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence
            "n_pred": len(pred_boxes), "tp": matched_pairs(pred_boxes, gt_boxes)}
     if pred_mask is not None and gt_mask is not None:
         inter, union = mask_inter_union(np.zeros_like(gt_mask) if pred_none else pred_mask, gt_mask)
-        rec.update(inter=inter, union=union, mask_iou=inter / union if union else 1.0)
+        # a no-target expression not answered "no target" scores 0 even when its predicted mask is empty
+        iou = inter / union if union else 1.0 if pred_none or not rec["gt_none"] else 0.0
+        rec.update(inter=inter, union=union, mask_iou=iou)
     return rec
 
 

@@ -52,6 +52,8 @@ def test_grefcoco_metrics_on_a_hand_made_split():
     assert g["ciou"] == pytest.approx(24 / (32 + 9 + 0 + 5))
     assert g["n_acc"] == 0.5 and g["t_acc"] == 0.5 and g["rec_n_acc"] == 0.5
     assert g[F1_KEY] == 0.5                       # the two-target answer and the correct "no target"
+    silent = generalised_record([[1, 1, 2, 2]], [], False, np.zeros((h, w), bool), np.zeros((h, w), bool))
+    assert (silent["inter"], silent["union"], silent["mask_iou"]) == (0, 0, 0.0)   # not "no target": IoU 0
     wrong_count = generalised_record([[0, 0, 4, 4], [10, 10, 4, 5], [15, 15, 2, 2]], a_gt, False, None, None)
     assert summarize_generalised([wrong_count])[F1_KEY] == 0.0 and "giou" not in summarize_generalised([wrong_count])
     out = summarize(recs + [{"box_iou": 0.7}])    # beside the usual metrics; REC P@0.5 counts one-target records
