@@ -7,7 +7,10 @@ Predictions are mapped back through the letterbox and scored at the original ima
 finetune.metrics for the conventions). Under torchrun/srun every rank scores its exact share of the split's
 expressions (shards.index's ExactDistributedSampler: no padding, no duplicates) and the per-expression records
 are gathered once at the end and keyed by dataset index, so the result is identical for any number of ranks.
-Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}}.
+Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}};
+a split whose expressions may name several targets or none (gRefCOCO) adds "grefcoco": {gIoU, cIoU, N-acc,
+T-acc, Prec@(F1=1, IoU>=0.5), ...} (finetune.grefcoco_metrics), and the multi-instance head's answers
+(finetune.answers) carry several boxes and masks into dumps and predictions files.
 """
 from __future__ import annotations
 
