@@ -72,6 +72,10 @@ def run(cfg: FinetuneConfig) -> dict:
     max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching
     dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
                                seed=cfg.run.seed, max_targets=max_targets)
+    skipped = {k: v for k, v in sorted(dataset.skips.items()) if v}
+    if skipped and info.rank == 0:      # e.g. no-target expressions a one-instance head cannot train on
+        print(f"{train_dir}: {len(dataset)} training expressions; skipped: "
+              + ", ".join(f"{k}={v}" for k, v in skipped.items()), file=sys.stderr, flush=True)
     batches = d.batches_per_epoch or max(1, len(dataset) // (d.batch_size * info.world_size))
 
     def make_loader(epoch: int, start_batch: int):

@@ -119,3 +119,22 @@ def test_generalised_evaluation_exact_under_two_ranks_and_from_its_dump(gval, to
                          "no_target": t["no_target"]} for t in gts])
     perfect = evaluate_predictions(preds, gval)["grefcoco"]
     assert all(perfect[k] == 1.0 for k in ("giou", "ciou", "n_acc", "t_acc", F1_KEY, "rec_n_acc")), perfect
+
+
+def test_dataset_items_carry_every_target(gval, tok):
+    one = GroundingDataset(gval, tok, train=True, image_size=64, max_len=16)
+    multi = GroundingDataset(gval, tok, train=True, image_size=64, max_len=16, max_targets=3)
+    n_none = sum(len(r["sentences"]) for im in multi.images for r in im["refs"] if r["no_target"])
+    assert one.skips["no_target_one_box"] == n_none > 0 and len(multi) == len(one) + n_none
+    ev = GroundingDataset(gval, tok, train=False, image_size=64, max_len=16, max_targets=3)
+    for i in range(len(ev)):
+        t, item = ev.target(i), ev[i]
+        k = len(t["bboxes"])
+        assert int(item["n_targets"]) == k and (item["boxes"][k:] == 0).all() and item["target_masks"][k:].sum() == 0
+        if k:       # evaluation letterbox: every target box and mask where the union box and merged mask say
+            lo = (item["boxes"][:k, :2] - item["boxes"][:k, 2:] / 2).amin(0)
+            hi = (item["boxes"][:k, :2] + item["boxes"][:k, 2:] / 2).amax(0)
+            torch.testing.assert_close(torch.cat([(lo + hi) / 2, hi - lo]), item["bbox"], atol=1e-5, rtol=0)
+            assert (item["target_masks"][:k].amax(0) == item["mask"].byte()).all()
+        else:
+            assert item["mask"].sum() == 0
