@@ -9,6 +9,12 @@ evaluating every `steps / evals` steps on val, testA and testB, and prints the c
 per split and per expression kind (attribute / superlative / relation, parsed back from the text), samples/s
 and wall time, beside the language-blind references computed from the annotations (finetune.references).
 
+`--dataset grefcoco` runs on the synthetic gRefCOCO set instead (expressions naming several shapes or none, see
+shards.synthetic) and prints gRefCOCO's metrics (gIoU, cIoU, N-acc, T-acc, Prec@(F1=1, IoU>=0.5)) beside REC
+(one-target expressions) and mIoU, e.g. the multi-instance head against the one-instance one:
+
+    python bench/learning.py --dataset grefcoco model.head=mdetr --vs model.head=vglaw
+
 `--vs OVERRIDES...` runs a second setting (the same config, the common overrides, then these) at the same time,
 one process each with `--threads` threads (default 1 each), on the same data and seed, so two choices are
 compared on one machine state. The synthetic data is drawn once per (seed, images) under `--out`/data (or give
@@ -30,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 SPLITS = ("val", "testA", "testB")
 
 
-def build_data(out: Path, seed: int, images: int) -> Path:
-    """Synthetic raw data + the refcoco shard set + a tokenizer under `out` (kept between runs)."""
+def build_data(out: Path, seed: int, images: int, dataset: str = "refcoco") -> Path:
+    """Synthetic raw data + the refcoco shard set (+ the grefcoco one) + a tokenizer over them under `out` (kept
+    between runs)."""
     from shards.__main__ import build_parser, run
     from shards.demo import build_demo_tokenizer, demo_commands
     from shards.synthetic import generate
@@ -40,6 +47,11 @@ def build_data(out: Path, seed: int, images: int) -> Path:
         return out
     generate(out / "raw", seed=seed, images=images)
     refcoco = [c for c in demo_commands(out / "raw", out / "shards", 2) if c[0] == "refcoco"]
+    if dataset == "grefcoco":           # the same command on the same refer images, the gRefCOCO refs file
+        argv = list(refcoco[0])
+        argv[argv.index("--dataset") + 1] = "grefcoco"
+        argv[argv.index("--out") + 1] = str(out / "shards" / "grefcoco")
+        refcoco.append(argv)
     for argv in refcoco:
         run(build_parser().parse_args(argv))
     build_demo_tokenizer(out)
@@ -49,7 +61,7 @@ def build_data(out: Path, seed: int, images: int) -> Path:
 def finetune_cmd(args: argparse.Namespace, data: Path, run_dir: Path, overrides: list[str]) -> list[str]:
     every = max(1, args.steps // args.evals)
     cmd = [sys.executable, "-m", "finetune", "--config", args.config, f"run.out_dir={run_dir}",
-           f"data.shards={data / 'shards' / 'refcoco'}", f"optim.total_steps={args.steps}",
+           f"data.shards={data / 'shards' / args.dataset}", f"optim.total_steps={args.steps}",
            f"run.eval_every={every}", f"run.save_every={args.steps}", "run.resume=null", f"run.seed={args.seed}",
            "eval.dump=true", f"eval.splits=[{', '.join(SPLITS)}]", f"init_from={args.init}",
            f"model.text.tokenizer={data / 'tokenizer'}"]
@@ -103,6 +115,10 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
             if f"eval/{s}/rec_prec@0.5" in r:          # finetune.__main__.flat_metrics' keys
                 p["splits"][s] = {"rec": r[f"eval/{s}/rec_prec@0.5"], "miou": r.get(f"eval/{s}/miou")}
                 dump = run_dir / "eval" / sub / f"{s}.jsonl"
+                gen = {k[len(f"eval/{s}/grefcoco_"):]: v for k, v in r.items() if k.startswith(f"eval/{s}/grefcoco_")}
+                if gen:
+                    p["splits"][s]["grefcoco"] = gen
+                    continue
                 p["kinds"][s] = kind_breakdown(dump)
                 if targets and dump.is_file():
                     d = distinct_answer_rate([json.loads(x) for x in dump.read_text().splitlines() if x.strip()],
@@ -153,6 +169,26 @@ def print_table(name: str, points: list[dict], wall: float) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+GREFCOCO_COLUMNS = (("giou", "gIoU"), ("ciou", "cIoU"), ("n_acc", "N-acc"), ("t_acc", "T-acc"),
+                    ("prec@f1=1,iou>=0.5", "F1=1@0.5"))
+
+
+def print_grefcoco_table(name: str, points: list[dict]) -> None:
+    """gRefCOCO's metrics per evaluation point and split (runs on --dataset grefcoco)."""
+    if not any("grefcoco" in v for p in points for v in p["splits"].values()):
+        return
+    print(f"\n## {name}: gRefCOCO metrics (" + ", ".join(h for _, h in GREFCOCO_COLUMNS) + ")")
+    print("| step | " + " | ".join(SPLITS) + " |")
+    print("|" + "---|" * (len(SPLITS) + 1))
+    for p in points:
+        cells = [str(p["step"])]
+        for s in SPLITS:
+            g = p["splits"].get(s, {}).get("grefcoco")
+            cells.append(" / ".join("-" if g.get(k) is None else f"{g[k]:.3f}" for k, _ in GREFCOCO_COLUMNS)
+                         if g else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
 def print_references(refs: dict[str, dict]) -> None:
     print("\n## Language-blind references (from the annotations; Prec@0.5 / mIoU)")
     print("| split | n | random object | largest object | all objects |")
@@ -166,6 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/finetune/demo.yaml")
     ap.add_argument("--data", type=Path, default=None, help="a `shards demo` output dir (raw/, shards/refcoco, tokenizer/)")
+    ap.add_argument("--dataset", choices=("refcoco", "grefcoco"), default="refcoco",
+                    help="grefcoco: the synthetic multi-target / no-target splits (gRefCOCO metrics printed)")
     ap.add_argument("--images", type=int, default=1280, help="synthetic COCO images when drawing data (default 1280)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data drawn")
     ap.add_argument("--seed", type=int, default=0, help="training seed (run.seed)")
@@ -201,13 +239,16 @@ def run(args: argparse.Namespace) -> int:
     from shards.inputs import InputError
     from shards.synthetic_text import parse
 
-    data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}",
-                                   args.data_seed, args.images)
-    for part in ("raw/refer", "shards/refcoco", "tokenizer"):
+    suffix = "" if args.dataset == "refcoco" else f"-{args.dataset}"      # its own tokenizer covers its words
+    data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}{suffix}",
+                                   args.data_seed, args.images, args.dataset)
+    for part in ("raw/refer", f"shards/{args.dataset}", "tokenizer"):
         if not (data / part).is_dir():
-            raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder")
-    refs = {s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
-    targets = {s: ref_targets(data / "raw" / "refer", s) for s in SPLITS}
+            raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder"
+                             + (" (with shards/grefcoco for --dataset grefcoco)" if args.dataset != "refcoco" else ""))
+    refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
+            if args.dataset == "refcoco" else {})
+    targets = {s: ref_targets(data / "raw" / "refer", s) for s in SPLITS} if args.dataset == "refcoco" else None
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
     from pretrain.distributed import free_ports
@@ -220,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         procs.append((name, extra, run_dir, proc, t0))
         print(f"[learning] {name}: {' '.join(args.overrides + extra) or '(config as is)'} -> {run_dir}/log.txt",
               flush=True)
-    result = {"config": args.config, "steps": args.steps, "threads_per_run": threads, "data": str(data),
+    result = {"config": args.config, "dataset": args.dataset, "steps": args.steps, "threads_per_run": threads, "data": str(data),
               "seed": args.seed, "references": refs, "runs": {}}
     failed = False
     for name, extra, run_dir, proc, t0 in procs:
@@ -232,12 +273,14 @@ def run(args: argparse.Namespace) -> int:
             continue
         points = read_curve(run_dir, args.steps, targets)
         print_table(f"{name}: {' '.join(args.overrides + extra) or '(config as is)'}", points, wall)
+        print_grefcoco_table(name, points)
         last = points[-1] if points else None
         result["runs"][name] = {"overrides": args.overrides + extra, "wall_s": wall, "curve": points,
                                 "final": None if last is None else {
                                     "rec_mean": mean_over_splits(last, "rec"), "miou_mean": mean_over_splits(last, "miou"),
                                     "splits": last["splits"], "kinds": kinds_pooled(last)}}
-    print_references(refs)
+    if refs:
+        print_references(refs)
     print(json.dumps(result))
     return 1 if failed else 0
 

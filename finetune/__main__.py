@@ -35,6 +35,9 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
         out[f"{split}/rec_prec@0.5"] = r["rec"]["prec@0.5"]
         for k, v in r.get("res", {}).items():
             out[f"{split}/{k}"] = v
+        for k, v in (r.get("grefcoco") or {}).items():     # splits with several targets or none
+            if v is not None:
+                out[f"{split}/grefcoco_{k}"] = v
     return out
 
 
@@ -66,8 +69,13 @@ def run(cfg: FinetuneConfig) -> dict:
         load_pretrained(task.model, cfg.init_from)
     info = du.discover()
     d = cfg.data
+    max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching
     dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
-                               seed=cfg.run.seed)
+                               seed=cfg.run.seed, max_targets=max_targets)
+    skipped = {k: v for k, v in sorted(dataset.skips.items()) if v}
+    if skipped and info.rank == 0:      # e.g. no-target expressions a one-instance head cannot train on
+        print(f"{train_dir}: {len(dataset)} training expressions; skipped: "
+              + ", ".join(f"{k}={v}" for k, v in skipped.items()), file=sys.stderr, flush=True)
     batches = d.batches_per_epoch or max(1, len(dataset) // (d.batch_size * info.world_size))
 
     def make_loader(epoch: int, start_batch: int):

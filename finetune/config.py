@@ -14,7 +14,8 @@ from typing import Optional
 from pretrain.config import (ConfigError, check_min, EngineConfig, OptimConfig, RunConfig, TextConfig, VisionConfig,
                              load_config, save_config)
 
-__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig", "GroundingLossConfig",
+__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneRunConfig", "GroundingModelConfig", "MaskGroundingConfig",
+           "MdetrHeadConfig", "GroundingLossConfig",
            "GroundingDataConfig", "EvalConfig", "load_config", "save_config", "ConfigError"]
 
 
@@ -46,6 +47,26 @@ class MaskGroundingConfig:
 
 
 @dataclass
+class MdetrHeadConfig:
+    """The MDETR-style multi-instance head (model.head: mdetr, finetune/mdetr_head.py)."""
+    queries: int = 10                       # object queries = the most targets one expression can get
+    dim: int = 256                          # decoder width
+    depth: int = 3                          # decoder layers
+    heads: int = 8
+    align_dim: int = 64                     # contrastive alignment space (MDETR: 64)
+    score_threshold: float = 0.5            # a query answers when 1 - p(no object) reaches this
+
+    def validate(self) -> None:
+        if self.queries < 1 or self.depth < 1 or self.align_dim < 1 or self.heads < 1 or self.dim % self.heads:
+            raise ConfigError("model.mdetr: queries, depth, align_dim >= 1 and dim divisible by heads required")
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ConfigError(f"model.mdetr.score_threshold must be in (0, 1), got {self.score_threshold}")
+
+
+HEADS = ("vglaw", "mdetr")
+
+
+@dataclass
 class GroundingModelConfig:
     vision: VisionConfig = field(default_factory=_vision_448)   # img_size = fine-tuning resolution
     text: TextConfig = field(default_factory=TextConfig)
@@ -69,6 +90,8 @@ class GroundingModelConfig:
     cam: bool = False                       # MagNet's cross-modal alignment module after the backbone (finetune/cam.py)
     cam_pools: list = field(default_factory=lambda: [1, 2, 4])   # CAM's pooling windows (token-grid cells)
     cam_heads: int = 4                      # heads of CAM's two cross-attentions
+    head: str = "vglaw"                     # vglaw: one box + one mask; mdetr: N object queries (several or none)
+    mdetr: MdetrHeadConfig = field(default_factory=MdetrHeadConfig)
 
     def validate(self) -> None:
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.attn_layers):
@@ -78,12 +101,12 @@ class GroundingModelConfig:
         if not self.cam_pools or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.cam_pools):
             raise ConfigError(f"model.cam_pools: expected a non-empty list of integers >= 1, got {self.cam_pools}")
         check_min("model", self, {"cam_heads": 1})
-
-    def validate(self) -> None:
         if self.law_init_std < 0:
             raise ConfigError(f"model.law_init_std: must be >= 0, got {self.law_init_std}")
         if self.text_pool not in ("cls", "mean"):
             raise ConfigError(f"model.text_pool: expected cls or mean, got {self.text_pool!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head: expected one of {', '.join(HEADS)}, got {self.head!r}")
 
 
 @dataclass
@@ -103,6 +126,18 @@ class GroundingLossConfig:
     cal_pixels: int = 512                   # pixels drawn per class (object / background) and sample; 0 = all
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # model.head: mdetr only (finetune/mdetr_losses.py): l1/giou/focal/dice above weight the matched queries
+    token: float = 1.0                      # soft token prediction cross-entropy
+    align: float = 1.0                      # contrastive alignment (both directions)
+    align_temperature: float = 0.07
+    no_object: float = 0.1                  # weight of "no object" targets in the token loss (DETR's eos_coef)
+    cost_token: float = 1.0                 # Hungarian matching costs (MDETR: 1, 5, 2)
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+
+    def validate(self) -> None:
+        if self.align_temperature <= 0 or self.no_object < 0:
+            raise ConfigError("loss.align_temperature must be > 0 and loss.no_object >= 0")
 
     def validate(self) -> None:
         check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
@@ -181,6 +216,12 @@ class FinetuneConfig:
         text_dim = self.model.text.hidden_size if not self.model.text.bert else None
         if text_dim is not None and text_dim % self.model.law_groups:
             raise ConfigError(f"model.law_groups={self.model.law_groups} must divide the text width {text_dim}")
+        if self.model.head == "mdetr":
+            for key, on in (("loss.rac", self.loss.rac > 0), ("loss.mrc", self.loss.mrc > 0), ("loss.dat", self.loss.dat),
+                            ("loss.cal", self.loss.cal > 0), ("model.attn_layers", bool(self.model.attn_layers))):
+                if on:
+                    raise ConfigError(f"{key} needs the one-instance head's LAP map, box and mask (model.head: "
+                                      f"vglaw); the mdetr head has none of them")
         for key in ("backbone_lr_mult", "law_lr_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -7,7 +7,10 @@ Predictions are mapped back through the letterbox and scored at the original ima
 finetune.metrics for the conventions). Under torchrun/srun every rank scores its exact share of the split's
 expressions (shards.index's ExactDistributedSampler: no padding, no duplicates) and the per-expression records
 are gathered once at the end and keyed by dataset index, so the result is identical for any number of ranks.
-Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}}.
+Output per split, the DESIGN.md format: {"split", "n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5"...}};
+a split whose expressions may name several targets or none (gRefCOCO) adds "grefcoco": {gIoU, cIoU, N-acc,
+T-acc, Prec@(F1=1, IoU>=0.5), ...} (finetune.grefcoco_metrics), and the multi-instance head's answers
+(finetune.answers) carry several boxes and masks into dumps and predictions files.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from finetune.metrics import (expression_record, format_table, summarize, unletterbox_box,
-                              unletterbox_mask)
+from finetune.answers import merged_gt_mask, one_box_answer, query_answer, score_answer
+from finetune.grefcoco_metrics import generalised_record
+from finetune.metrics import box_iou_xywh, expression_record, format_table, summarize
 from finetune.model import VGLaw
 from shards.masks import decode_mask, encode_mask
 
@@ -95,17 +99,32 @@ def score_split(model: VGLaw, dataset: Any, *, batch_size: int, device: torch.de
                 idx = int(batch["index"][j])
                 scale, offset = float(batch["scale"][j]), [float(v) for v in batch["offset"][j]]
                 gt = dataset.target(idx)
-                box = unletterbox_box(out["boxes"][j].cpu(), size, scale, offset, gt["size"])
-                gt_mask = decode_mask(gt["mask"]) if gt.get("mask") else None
-                pred_mask = unletterbox_mask(out["mask_probs"][j], scale, offset, gt["size"], threshold)
+                if model.multi:
+                    ans = query_answer(out["boxes"][j], out["scores"][j], out["mask_logits"][j], size, scale, offset,
+                                       gt["size"], model.score_threshold, threshold)
+                else:
+                    ans = one_box_answer(out["boxes"][j], out["mask_probs"][j], size, scale, offset, gt["size"],
+                                         threshold)
                 rec = {"index": idx, "ref_id": _int(gt.get("ref_id")), "sentence": int(gt["sentence"]),
-                       **expression_record(box, gt["bbox"], pred_mask if gt_mask is not None else None, gt_mask)}
+                       **score_answer(ans, gt)}
                 if keep_predictions:
-                    rec.update(text=gt.get("text", ""), bbox=box, mask=encode_mask(pred_mask))
+                    rec.update(prediction_fields(ans, gt, multi=model.multi), text=gt.get("text", ""))
                 records.append(rec)
     finally:
         model.train(was_training)
     return records
+
+
+def prediction_fields(ans: dict, gt: dict, *, multi: bool) -> dict:
+    """The predictions-file fields of an answer: bbox and mask (the top query's on a one-target ref, the merged
+    mask on a generalised one), and with several answers possible (the mdetr head, or a generalised ref)
+    bboxes, scores, masks (one RLE per box) and no_target."""
+    generalised = bool(gt.get("generalised"))
+    out = {"bbox": ans["top_box"], "mask": encode_mask(ans["mask"] if generalised else ans["top_mask"])}
+    if multi or generalised:
+        out.update(bboxes=ans["bboxes"], scores=ans["scores"], masks=[encode_mask(m) for m in ans["masks"]],
+                   no_target=ans["none"])
+    return out
 
 
 def _int(v: Any) -> int:
@@ -162,24 +181,81 @@ def read_predictions(path: str | Path) -> tuple[dict[tuple[int, int], dict], dic
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (ref_id, sent)):
                 raise TypeError("ref_id and sentence must be integers")
             key = (ref_id, sent)
-            if not isinstance(obj["bbox"], list) or len(obj["bbox"]) != 4 or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in obj["bbox"]):
-                raise ValueError("bbox")
-            box = [float(v) for v in obj["bbox"]]
-            if not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
-                raise ValueError("bbox not finite or negative size")
+            pred = {"mask": obj.get("mask")}
+            if "bboxes" in obj:             # several answers (or none): bboxes [, masks, scores, no_target]
+                if not isinstance(obj["bboxes"], list):
+                    raise TypeError("bboxes must be a list")
+                pred["bboxes"] = [_pred_box(b) for b in obj["bboxes"]]
+                if not isinstance(obj.get("masks", []), list) or not isinstance(obj.get("no_target", False), bool):
+                    raise TypeError("masks must be a list and no_target a bool")
+                pred.update(masks=obj.get("masks"), no_target=obj.get("no_target", not pred["bboxes"]))
+            if "bbox" in obj or "bboxes" not in obj:
+                pred["bbox"] = _pred_box(obj["bbox"])
+            else:
+                pred["bbox"] = pred["bboxes"][0] if pred["bboxes"] else [0.0, 0.0, 0.0, 0.0]
         except (ValueError, KeyError, TypeError, AttributeError):   # UnicodeDecodeError is a ValueError
             skipped["malformed"] += 1
             continue
         if key in preds:
             skipped["duplicate"] += 1
             continue
-        preds[key] = {"bbox": box, "mask": obj.get("mask")}
+        preds[key] = pred
     return preds, skipped
 
 
+def _pred_box(b: Any) -> list[float]:
+    if not isinstance(b, list) or len(b) != 4 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in b):
+        raise ValueError("bbox")
+    box = [float(v) for v in b]
+    if not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
+        raise ValueError("bbox not finite or negative size")
+    return box
+
+
+def _pred_mask(rles: list, shape: tuple[int, int], skipped: dict) -> np.ndarray:
+    """The union of a prediction's RLE masks at the ground truth's size (an undecodable or wrongly sized one is
+    counted and left out)."""
+    out = np.zeros(shape, dtype=bool)
+    for rle in rles:
+        if not rle:
+            continue
+        try:
+            m = decode_mask(rle)
+        except Exception:  # noqa: BLE001 - an undecodable RLE is one bad prediction, not a crash
+            skipped["malformed"] += 1
+            continue
+        if m.shape != shape:
+            skipped["mask_size"] = skipped.get("mask_size", 0) + 1
+            continue
+        out |= m.astype(bool)
+    return out
+
+
+def _generalised_prediction_record(pred: dict | None, gt: dict, skipped: dict) -> dict:
+    """A generalised ref scored from the predictions file; a missing prediction is wrong on every count."""
+    gt_mask = merged_gt_mask(gt)
+    if pred is None:
+        rec = {"gt_none": gt["no_target"], "pred_none": not gt["no_target"], "n_gt": len(gt["bboxes"]),
+               "n_pred": int(gt["no_target"]), "tp": 0}
+        if gt_mask is not None:
+            rec.update(inter=0, union=int(gt_mask.sum()), mask_iou=0.0)
+        if len(gt["bboxes"]) == 1:
+            rec["box_iou"] = 0.0
+        return rec
+    boxes = pred.get("bboxes", [pred["bbox"]])
+    pmask = None
+    if gt_mask is not None:
+        pmask = _pred_mask(pred.get("masks") or [pred.get("mask")], gt_mask.shape, skipped)
+    rec = generalised_record(boxes, gt["bboxes"], pred.get("no_target", not boxes), pmask, gt_mask)
+    if len(gt["bboxes"]) == 1:
+        rec["box_iou"] = box_iou_xywh(pred["bbox"], gt["bboxes"][0])
+    return rec
+
+
 def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump: str | Path | None = None) -> dict:
-    """Score a predictions file against one split's ground truth (a missing expression scores IoU 0)."""
+    """Score a predictions file against one split's ground truth (a missing expression scores IoU 0). Lines
+    may carry several answers (bboxes, masks, no_target: what `--dump` and finetune.predict write); a
+    generalised split (several targets or none) is scored with them, a one-target split with bbox and mask."""
     from shards.index import GroundingDataset
 
     preds, skipped = read_predictions(preds_path)
@@ -190,8 +266,13 @@ def evaluate_predictions(preds_path: str | Path, shard_dir: str | Path, *, dump:
         gt = dataset.target(i)
         key = (_int(gt.get("ref_id")), int(gt["sentence"]))
         seen.add(key)
-        gt_mask = decode_mask(gt["mask"]) if gt.get("mask") else None
         pred = preds.get(key)
+        if gt.get("generalised"):
+            missing += pred is None
+            records.append({"index": i, "ref_id": key[0], "sentence": key[1],
+                            **_generalised_prediction_record(pred, gt, skipped)})
+            continue
+        gt_mask = decode_mask(gt["mask"]) if gt.get("mask") else None
         if pred is None:
             missing += 1
             rec = {"box_iou": 0.0}

@@ -108,14 +108,16 @@ class ResHead(nn.Module):
     (from /16 tokens); their dot product with the projected [CLS] is the mask logit, bilinearly resized to the
     input size."""
 
-    def __init__(self, vis_dim: int, text_dim: int, hidden: int = 256) -> None:
+    def __init__(self, vis_dim: int, text_dim: int | None, hidden: int = 256) -> None:
         super().__init__()
         self.up = nn.Sequential(nn.ConvTranspose2d(vis_dim, hidden, 2, 2), LayerNorm2d(hidden), nn.GELU(),
                                 nn.ConvTranspose2d(hidden, vis_dim, 2, 2))
-        self.text_proj = nn.Linear(text_dim, vis_dim)
+        # text_dim None: pixel embeddings only (the multi-instance head's queries take the [CLS] vector's place)
+        self.text_proj = nn.Linear(text_dim, vis_dim) if text_dim is not None else None
 
     def pixel_embeddings(self, visual: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """visual [B,N,C] on grid hw -> pixel embeddings [B,C,4H,4W]."""
+        """visual [B,N,C] on grid hw -> pixel embeddings [B,C,4H,4W] (CAL and the multi-instance head read them
+        too)."""
         B, _, C = visual.shape
         return self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
 

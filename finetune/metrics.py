@@ -5,6 +5,8 @@ convention; SeqTR/SimVG use the same, refer/X-VLM add +1 to the intersection), s
 on the image's pixel grid. RES: per expression I = |P & G| and U = |P | G| on the original pixel grid;
 mIoU = mean of I/U, oIoU = sum I / sum U (weights large objects more), Prec@X = fraction with IoU >= X.
 An expression whose prediction and ground truth are both empty has IoU 1 (nothing to find, nothing found).
+Splits with several targets or none (gRefCOCO) also get finetune.grefcoco_metrics' gIoU, cIoU, N-acc, T-acc
+and Prec@(F1=1, IoU>=0.5) under "grefcoco"; REC Prec@0.5 then counts the one-target expressions ("rec": "n").
 """
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ def summarize(records: Iterable[dict]) -> dict:
     """Records of one split -> {"n", "rec": {"prec@0.5"}, "res": {"miou", "oiou", "prec@0.5" ... "prec@0.9"}}."""
     records = list(records)
     n = len(records)
-    box = np.array([r["box_iou"] for r in records], dtype=np.float64)
-    out: dict = {"n": n, "rec": {"prec@0.5": float((box >= 0.5).mean()) if n else 0.0}}
+    # generalised (gRefCOCO) records carry box_iou only when they have exactly one target
+    box = np.array([r["box_iou"] for r in records if "box_iou" in r], dtype=np.float64)
+    out: dict = {"n": n, "rec": {"prec@0.5": float((box >= 0.5).mean()) if len(box) else 0.0}}
     masked = [r for r in records if "mask_iou" in r]
     if masked:
         ious = np.array([r["mask_iou"] for r in masked], dtype=np.float64)
@@ -92,6 +95,13 @@ def summarize(records: Iterable[dict]) -> dict:
         for t in MASK_THRESHOLDS:
             res[f"prec@{t}"] = float((ious >= t).mean())
         out["res"] = res
+    from finetune.grefcoco_metrics import summarize_generalised
+
+    gen = summarize_generalised(records)
+    if gen is not None:         # several targets or none: gRefCOCO's metrics beside the usual ones
+        out["grefcoco"] = gen
+        if len(box) != n:
+            out["rec"]["n"] = len(box)
     return out
 
 
@@ -108,4 +118,7 @@ def format_table(results: dict[str, dict]) -> str:
     header = ["split"] + cols
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header)] + [line(row) for row in rows])
+    from finetune.grefcoco_metrics import format_grefcoco_table
+
+    gen = format_grefcoco_table(results)
+    return "\n".join([line(header)] + [line(row) for row in rows] + ([gen] if gen else []))

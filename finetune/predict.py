@@ -5,7 +5,9 @@
 
 A pairs file holds one {"image": path, "text": expression} per line; each pair becomes DIR/<i>_<image stem>.png
 and a line of DIR/predictions.jsonl ({"image", "text", "bbox": [x, y, w, h], "mask": COCO RLE} in original
-pixels). Unreadable lines or images are skipped and counted. Preprocessing is exactly the evaluation
+pixels). A model with the multi-instance head (model.head: mdetr) answers with every query above its score
+threshold: the lines add "bboxes", "scores", "masks" (one RLE per box) and "no_target", "mask" is their merged
+mask and "bbox" the top-scoring query's box; the picture shows every kept box (none for "no target"). Unreadable lines or images are skipped and counted. Preprocessing is exactly the evaluation
 letterbox of shards.index (longer side to the model's size, centred, CLIP normalisation).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from shards.masks import encode_mask
+from finetune.answers import query_answer
 from finetune.metrics import unletterbox_box, unletterbox_mask
 from finetune.model import VGLaw
 
@@ -48,7 +51,8 @@ def prepare_input(image: torch.Tensor, text: str, tokenizer: Any, *, image_size:
 @torch.no_grad()
 def predict_image(model: VGLaw, image: torch.Tensor, text: str, tokenizer: Any, *, image_size: int, max_len: int,
                   device: torch.device | str = "cpu", threshold: float | None = None) -> dict:
-    """-> {"bbox": [x, y, w, h], "mask": bool [H, W]} in the image's pixels."""
+    """-> {"bbox": [x, y, w, h], "mask": bool [H, W]} in the image's pixels; the multi-instance head adds
+    "bboxes", "scores", "masks" and "no_target" (finetune.answers.query_answer)."""
     device = torch.device(device)
     b = prepare_input(image, text, tokenizer, image_size=image_size, max_len=max_len)
     model.eval()
@@ -56,13 +60,20 @@ def predict_image(model: VGLaw, image: torch.Tensor, text: str, tokenizer: Any, 
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model.predict(b["image"].to(device, dtype), b["text_ids"].to(device), b["text_mask"].to(device))
     thr = model.mask_threshold if threshold is None else threshold
+    if model.multi:
+        ans = query_answer(out["boxes"][0], out["scores"][0], out["mask_logits"][0], (image_size, image_size),
+                           b["scale"], b["offset"], b["orig_size"], model.score_threshold, thr)
+        return {"bbox": ans["top_box"], "mask": ans["mask"], "bboxes": ans["bboxes"], "scores": ans["scores"],
+                "masks": ans["masks"], "no_target": ans["none"]}
     box = unletterbox_box(out["boxes"][0].cpu(), image_size, b["scale"], b["offset"], b["orig_size"])
     mask = unletterbox_mask(out["mask_probs"][0], b["scale"], b["offset"], b["orig_size"], thr)
     return {"bbox": box, "mask": mask}
 
 
-def draw_prediction(image: Image.Image, bbox: list[float], mask: np.ndarray, text: str) -> Image.Image:
-    """The image with the mask blended in, the box outlined and the expression written in its top-left corner."""
+def draw_prediction(image: Image.Image, bbox: list[float], mask: np.ndarray, text: str,
+                    boxes: list[list[float]] | None = None) -> Image.Image:
+    """The image with the mask blended in, the box outlined (every box of `boxes` when given, none when it is
+    empty) and the expression written in its top-left corner."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     colour = np.array(MASK_COLOUR, dtype=np.float32)
     img[mask] = (1 - MASK_ALPHA) * img[mask] + MASK_ALPHA * colour
@@ -73,11 +84,11 @@ def draw_prediction(image: Image.Image, bbox: list[float], mask: np.ndarray, tex
     draw.rectangle([tx0 - 3, ty0 - 2, tx1 + 3, ty1 + 2], fill=(0, 0, 0))
     draw.text((4, 2), text, fill=(255, 255, 255), font=font)
     W, H = out.size
-    x, y, w, h = bbox
     width = max(1, round(min(W, H) / 200))
-    x0, y0 = min(max(round(x), 0), W - 1), min(max(round(y), 0), H - 1)
-    x1, y1 = min(max(round(x + w) - 1, x0), W - 1), min(max(round(y + h) - 1, y0), H - 1)
-    draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=width)
+    for x, y, w, h in ([bbox] if boxes is None else boxes):
+        x0, y0 = min(max(round(x), 0), W - 1), min(max(round(y), 0), H - 1)
+        x1, y1 = min(max(round(x + w) - 1, x0), W - 1), min(max(round(y + h) - 1, y0), H - 1)
+        draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=width)
     return out
 
 
@@ -110,6 +121,20 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str]], int]:
         except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             bad += 1
     return pairs, bad
+
+
+def _caption(text: str, pred: dict) -> str:
+    return text + " (no target)" if pred.get("no_target") else text
+
+
+def _multi_fields(pred: dict, with_masks: bool) -> dict:
+    """The multi-instance head's extra predictions-file fields (none for the one-instance head)."""
+    if "bboxes" not in pred:
+        return {}
+    out = {"bboxes": pred["bboxes"], "scores": pred["scores"], "no_target": pred["no_target"]}
+    if with_masks:
+        out["masks"] = [encode_mask(m) for m in pred["masks"]]
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         pred = predict_image(model, image, args.text, tokenizer, **kw)
         try:
-            draw_prediction(to_pil(image), pred["bbox"], pred["mask"], args.text).save(args.out, format="PNG")
+            draw_prediction(to_pil(image), pred["bbox"], pred["mask"], _caption(args.text, pred),
+                            pred.get("bboxes")).save(args.out, format="PNG")
         except OSError as e:
             print(f"error: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
             return 2
-        print(json.dumps({"image": args.image, "text": args.text, "bbox": pred["bbox"], "out": args.out}))
+        print(json.dumps({"image": args.image, "text": args.text, "bbox": pred["bbox"], **_multi_fields(pred, False),
+                          "out": args.out}))
         return 0
     out_dir = Path(args.out_dir)
     lines, skipped = [], {"bad_line": bad, "bad_image": 0, "empty_text": 0}
@@ -182,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pred = predict_image(model, image, text, tokenizer, **kw)
         png = out_dir / f"{i:05d}_{Path(img_path).stem}.png"
-        draw_prediction(to_pil(image), pred["bbox"], pred["mask"], text).save(png, format="PNG")
+        draw_prediction(to_pil(image), pred["bbox"], pred["mask"], _caption(text, pred),
+                        pred.get("bboxes")).save(png, format="PNG")
         lines.append({"image": img_path, "text": text, "bbox": pred["bbox"], "mask": encode_mask(pred["mask"]),
-                      "out": str(png)})
+                      **_multi_fields(pred, True), "out": str(png)})
     with (out_dir / "predictions.jsonl").open("w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")

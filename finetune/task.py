@@ -8,6 +8,10 @@
     per-sample re-weighted `dat_box = mean_b W_b * (l1 * L1_b + giou * GIoU_b)` (finetune/dat.py); `l1` and
     `giou` are still logged unweighted.
 
+With model.head: mdetr the box and mask terms are those of the Hungarian-matched queries, plus
+token * L_soft_token + align * L_contrastive (finetune/mdetr_losses.py); Mask Grounding is unchanged (it reads
+the expression's merged mask and the union of its boxes).
+
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
 includes the language adaptive weight generator and the heads) and the generator at `law_lr_mult`.
@@ -28,6 +32,8 @@ from finetune.config import (ConfigError, FinetuneConfig, GroundingLossConfig, G
 from finetune.dat import dat_weights
 from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
+from finetune.mdetr_head import MdetrHead
+from finetune.mdetr_losses import mdetr_losses
 from finetune.model import VGLaw
 from finetune.momentum import MomentumModel, mrc_per_sample
 from pretrain.box_ops import box_cxcywh_to_xyxy, elementwise_iou
@@ -80,6 +86,9 @@ class GroundingTask(nn.Module):
                      "text_mask": torch.ones(1, L, dtype=torch.long, device=p.device),
                      "bbox": torch.tensor([[0.5, 0.5, 0.2, 0.2]], device=p.device),
                      "mask": torch.zeros(1, *size, device=p.device)}
+            if self.model.multi:
+                batch.update(boxes=batch["bbox"][:, None], n_targets=torch.ones(1, dtype=torch.long, device=p.device),
+                             target_masks=batch["mask"][:, None])
             batch["text_ids"][0, 0] = self.special_ids[0] if self.special_ids else 0
             counter = FlopCounterMode(display=False)
             with torch.no_grad(), counter:
@@ -93,13 +102,33 @@ class GroundingTask(nn.Module):
         self.model.text.set_grad_checkpointing(enable)
 
     def _dtype(self) -> torch.dtype:
-        return self.model.rec_head.mlp[0].weight.dtype
+        return self.model.res_head.up[0].weight.dtype
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = batch["image"].to(self._dtype())       # DeepSpeed bf16 does not autocast inputs
         ids, mask = batch["text_ids"], batch["text_mask"]
         out = self.model(image, ids, mask)
         c = self.loss_cfg
+        if self.model.multi:
+            terms = mdetr_losses(out, batch, special_ids=self.special_ids, cost_token=c.cost_token,
+                                 cost_l1=c.cost_l1, cost_giou=c.cost_giou, no_object=c.no_object,
+                                 temperature=c.align_temperature, focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
+            weights = {"l1": c.l1, "giou": c.giou, "token": c.token, "align": c.align, "focal": c.focal,
+                       "dice": c.dice}
+        else:
+            terms, weights = self.single_target_losses(batch, image, out)
+        if self.mask_grounding is not None and self.training and c.mask_grounding > 0:
+            terms["mask_grounding"] = self.mask_grounding_loss(batch, image, out)
+            weights["mask_grounding"] = c.mask_grounding
+        terms["loss"] = sum(weights[k] * terms[k] for k in weights)
+        return terms
+
+    def single_target_losses(self, batch: dict[str, torch.Tensor], image: torch.Tensor,
+                             out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """VG-LAW's box and mask losses (+ AttBalance's RAC / MRC / DAT and MagNet's CAL where configured):
+        (terms, weights)."""
+        c = self.loss_cfg
+        ids, mask = batch["text_ids"], batch["text_mask"]
         boxes = batch["bbox"]
         l1, giou = box_losses_per_sample(out["boxes"], boxes)
         terms = {"l1": l1.mean(), "giou": giou.mean()}
@@ -128,11 +157,7 @@ class GroundingTask(nn.Module):
             cal = self.cal(out["pixel_emb"], batch["mask"], out["text"], mask)
             terms.update(cal)
             weights["cal"] = c.cal
-        if self.mask_grounding is not None and self.training and c.mask_grounding > 0:
-            terms["mask_grounding"] = self.mask_grounding_loss(batch, image, out)
-            weights["mask_grounding"] = c.mask_grounding
-        terms["loss"] = sum(weights[k] * terms[k] for k in weights)
-        return terms
+        return terms, weights
 
     def mask_grounding_loss(self, batch: dict[str, torch.Tensor], image: torch.Tensor,
                             out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,9 +194,15 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
             raise ConfigError(f"model.cam_heads={cfg.cam_heads} must divide the visual width {vision.embed_dim} "
                               f"and the text width {d_l}")
         cam = CrossModalAlignment(vision.embed_dim, d_l, pools=cfg.cam_pools, heads=cfg.cam_heads)
+    mdetr = None
+    if cfg.head == "mdetr":
+        m = cfg.mdetr
+        mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
+                          heads=m.heads, align_dim=m.align_dim)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
-                 rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool)
+                 rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,
+                 mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold)
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True, type=Path, help="zhiyuan_objv2_train.json / objects365_train.json")
     _common(p, PRETRAIN_MAX_SIDE)
 
-    p = sub.add_parser("refcoco", help="RefCOCO/+/g or RefCLEF -> one shard directory per split")
-    p.add_argument("--refer-root", required=True, type=Path, help="folder holding refcoco/, refcoco+/, refcocog/, refclef/")
-    p.add_argument("--dataset", required=True, choices=("refcoco", "refcoco+", "refcocog", "refclef"))
+    p = sub.add_parser("refcoco", help="RefCOCO/+/g, RefCLEF or gRefCOCO -> one shard directory per split")
+    p.add_argument("--refer-root", required=True, type=Path, help="folder holding refcoco/, refcoco+/, refcocog/, refclef/ (grefcoco/)")
+    p.add_argument("--dataset", required=True, choices=("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco"),
+                   help="grefcoco reads grefcoco/grefs(unc).json: refs with several targets or none")
     p.add_argument("--split-by", required=True, choices=("unc", "google", "umd", "berkeley"))
     p.add_argument("--images", required=True, type=Path, help="COCO train2014/ (or the saiapr_tc-12 folder for refclef)")
     p.add_argument("--safe-train", action="store_true",

@@ -283,21 +283,27 @@ def region_view(data: bytes, width: int, height: int, plan: RegionPlan, rng: np.
 def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Tensor, text: str, *,
                    train: bool, size: int = 448, rng: Optional[np.random.Generator] = None,
                    flip_prob: float = 0.5, crop_prob: float = 0.5, crop_allowed: bool = True,
-                   fill: Sequence[int] = (124, 116, 104)) -> dict:
+                   fill: Sequence[int] = (124, 116, 104), extra_boxes: Sequence[Sequence[float]] = (),
+                   extra_masks: Optional[torch.Tensor] = None) -> dict:
     """Letterbox one grounding example (image uint8 [3,H,W], target box in stored px, mask uint8 [H,W]).
 
     Training: a crop that keeps the target with probability `crop_prob` (only when `crop_allowed`, i.e. no
     direction words), a flip with probability `flip_prob` (left/right swapped in `text`), longer side to
     `size`, letterbox at a random offset. Evaluation: longer side to `size`, centred letterbox.
     Returns image uint8 [3,S,S], bbox normalised (cx, cy, w, h), mask uint8 [S,S], text, scale, offset
-    (input px = stored px * scale + offset; exact for evaluation, it ignores a training flip), flipped."""
+    (input px = stored px * scale + offset; exact for evaluation, it ignores a training flip), flipped.
+
+    `extra_boxes` (K boxes [x, y, w, h], stored px) and `extra_masks` (uint8 [K,H,W]) go through the same
+    geometry (a crop keeps `box_xywh`, so pass the union of the targets there); they come back as "boxes"
+    [K,4] (normalised cx, cy, w, h) and "masks" [K,S,S]."""
     if train and rng is None:
         raise ValueError("grounding_view(train=True) needs an rng")
     H, W = img.shape[-2:]
     image = tv_tensors.Image(img)
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([box_xywh], dtype=torch.float32), format="XYWH", canvas_size=(H, W))
+    rows = [list(box_xywh)] + [list(b) for b in extra_boxes]
+    boxes = tv_tensors.BoundingBoxes(torch.tensor(rows, dtype=torch.float32), format="XYWH", canvas_size=(H, W))
     boxes = F.convert_bounding_box_format(boxes, new_format="XYXY")
-    masks = tv_tensors.Mask(mask[None])
+    masks = tv_tensors.Mask(mask[None] if extra_masks is None else torch.cat([mask[None], extra_masks.to(mask.dtype)]))
     ox, oy, flipped = 0.0, 0.0, False
     if train and crop_allowed and rng.random() < crop_prob:
         bx, by, bw, bh = box_xywh
@@ -323,10 +329,16 @@ def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Ten
     image = F.pad(image, padding, fill=list(fill))
     boxes = F.pad(boxes, padding)
     masks = F.pad(masks, padding, fill=0)
-    bbox = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor)[0] / size
+    all_boxes = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor) / size
+    bbox = all_boxes[0]
     sx, sy = nw / w, nh / h                      # equal up to rounding of the resized size
-    return {
+    masks = masks.as_subclass(torch.Tensor)
+    out = {
         "image": image.as_subclass(torch.Tensor), "bbox": bbox.clamp(0.0, 1.0),
-        "mask": masks.as_subclass(torch.Tensor)[0], "text": text,
+        "mask": masks[0], "text": text,
         "scale": float((sx + sy) / 2), "offset": (pad_x - ox * sx, pad_y - oy * sy), "flipped": flipped,
     }
+    if len(rows) > 1 or extra_masks is not None:
+        out["boxes"] = all_boxes[1:].clamp(0.0, 1.0)
+        out["masks"] = masks[1:]
+    return out

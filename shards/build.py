@@ -369,6 +369,8 @@ def _convert_ref(r: dict, sx: float, sy: float, w: int, h: int, skipped: Counter
     if not sentences:
         skipped["ref_no_sentences"] += 1
         return None
+    if "ann_ids" in r:
+        return _convert_generalised_ref(r, sentences, sx, sy, w, h, skipped, repaired)
     box = _scale_clip(r.get("bbox"), sx, sy, w, h, skipped, repaired)
     if box is None:
         skipped["ref_bad_box"] += 1
@@ -382,6 +384,32 @@ def _convert_ref(r: dict, sx: float, sy: float, w: int, h: int, skipped: Counter
         except Exception:  # pycocotools raises bare Exceptions on malformed input
             skipped["ref_bad_segmentation"] += 1
             return None
+    return out
+
+
+def _convert_generalised_ref(r: dict, sentences: list[str], sx: float, sy: float, w: int, h: int,
+                             skipped: Counter, repaired: Counter) -> dict | None:
+    """A ref with several targets or none (shards.schema.is_generalised_ref): every target's box is scaled and
+    clipped and its segmentation becomes one RLE in `masks`; a target that cannot be kept drops the whole ref
+    (a ref missing one of its targets would be a wrong answer key), counted as ref_bad_box/ref_bad_segmentation."""
+    boxes, masks = [], []
+    segs = r.get("segmentations") or [None] * len(r["ann_ids"])
+    for bbox, seg in zip(r.get("bboxes", []), segs):
+        box = _scale_clip(bbox, sx, sy, w, h, skipped, repaired)
+        if box is None:
+            skipped["ref_bad_box"] += 1
+            return None
+        boxes.append(box)
+        if seg is not None:
+            try:
+                masks.append(segmentation_to_rle(seg, sx, sy, w, h))
+            except Exception:  # pycocotools raises bare Exceptions on malformed input
+                skipped["ref_bad_segmentation"] += 1
+                return None
+    out = {k: v for k, v in r.items() if k not in ("segmentations", "bboxes", "sentences", "masks")}
+    out.update(bboxes=boxes, sentences=sentences, no_target=not boxes)
+    if masks and len(masks) == len(boxes):
+        out["masks"] = masks
     return out
 
 

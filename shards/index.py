@@ -34,6 +34,7 @@ from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
 from shards.decode import DecodeError, decode_image
 from shards.determinism import loader_generator
 from shards.masks import decode_mask
+from shards.schema import is_generalised_ref
 from shards.sources import DataError, resolve_shards
 from shards.text import clean_caption, has_direction_words
 
@@ -98,16 +99,34 @@ class TarIndex:
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
-def _usable_ref(r: Any) -> bool:
-    """A stored ref the dataset can train and score on: an integer id, a finite positive box, a sentence list."""
-    if not isinstance(r, dict) or not isinstance(r.get("sentences"), list):
-        return False
-    rid, b = r.get("ref_id", -1), r.get("bbox")
-    if not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(b, list) or len(b) != 4:
+def _box_ok(b: Any) -> bool:
+    if not isinstance(b, list) or len(b) != 4:
         return False
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b):
         return False
     return b[2] > 0 and b[3] > 0
+
+
+def _usable_ref(r: Any) -> bool:
+    """A stored ref the dataset can train and score on: an integer id, a finite positive box (a generalised ref:
+    one per ann id, none exactly when no_target), a sentence list."""
+    if not isinstance(r, dict) or not isinstance(r.get("sentences"), list):
+        return False
+    rid = r.get("ref_id", -1)
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        return False
+    if is_generalised_ref(r):
+        ids, boxes = r.get("ann_ids"), r.get("bboxes")
+        return (isinstance(ids, list) and isinstance(boxes, list) and len(ids) == len(boxes)
+                and r.get("no_target") is (not boxes) and all(_box_ok(b) for b in boxes))
+    return _box_ok(r.get("bbox"))
+
+
+def union_box(boxes: list[list[float]]) -> list[float]:
+    """The smallest [x, y, w, h] holding every box."""
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 class GroundingDataset(Dataset):
@@ -116,11 +135,19 @@ class GroundingDataset(Dataset):
     Items: image float32 [3,S,S] (letterboxed, normalised), text_ids/text_mask int64 [L], bbox float32 [4]
     normalised (cx, cy, w, h) in the input, mask float32 [S,S], ref_id, sent_idx, index, scale, offset [2],
     orig_size [2] (height, width of the stored image). Training: VG-LAW's crop/flip/translated letterbox,
-    drawn from a generator seeded by (seed, epoch, index) (`set_epoch` changes it)."""
+    drawn from a generator seeded by (seed, epoch, index) (`set_epoch` changes it).
+
+    Generalised refs (several targets or none, shards.schema.is_generalised_ref): `bbox` is the union of the
+    targets' boxes and `mask` their merged mask (the one answer a one-instance head can give); a no-target ref
+    has no box to train a one-instance head on, so training skips it (counted as no_target_one_box) unless
+    `max_targets` > 0. With `max_targets` = K > 0 items also carry every target: boxes float32 [K,4]
+    (normalised cx, cy, w, h, zero rows as padding), target_masks uint8 [K,S,S] and n_targets (0 for no
+    target; a one-target ref gives 1); a training ref with more than K targets is skipped and counted
+    (targets_over_max)."""
 
     def __init__(self, shard_dir: str | Path, tokenizer: Any, *, train: bool, image_size: int = 448,
                  max_len: int = 40, seed: int = 0, flip_prob: float = 0.5, crop_prob: float = 0.5,
-                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil") -> None:
+                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil", max_targets: int = 0) -> None:
         p = Path(shard_dir)
         if not p.is_dir():
             raise DataError(f"{p}: grounding split directory not found")
@@ -128,6 +155,7 @@ class GroundingDataset(Dataset):
         self.tok, self.train, self.size, self.max_len, self.seed = tokenizer, train, image_size, max_len, seed
         self.flip_prob, self.crop_prob, self.mean, self.std, self.decoder = flip_prob, crop_prob, mean, std, decoder
         self.epoch = 0
+        self.max_targets = int(max_targets)
         self.skips: Counter = Counter()
         self.index = TarIndex(paths)
         self.skips.update(self.index.problems)
@@ -158,6 +186,12 @@ class GroundingDataset(Dataset):
         self.images.append({"key": key, "sample": si, "width": w, "height": h, "refs": refs,
                             "image_id": meta.get("image_id"), "ext": next(e for e in _IMAGE_EXTS if e in members)})
         for ri, r in enumerate(refs):
+            if self.train and is_generalised_ref(r):
+                why = ("no_target_one_box" if not self.max_targets and r["no_target"] else
+                       "targets_over_max" if self.max_targets and len(r["bboxes"]) > self.max_targets else None)
+                if why:
+                    self.skips[why] += len(r.get("sentences") or [])
+                    continue
             for k, sent in enumerate(r.get("sentences") or []):
                 if isinstance(sent, str) and clean_caption(sent, 1000):
                     self.items.append((img_i, ri, k))
@@ -174,10 +208,16 @@ class GroundingDataset(Dataset):
         """Ground truth of item `index` in stored-image pixels (what the evaluator scores against)."""
         img_i, ri, k = self.items[index]
         im, ref = self.images[img_i], self.images[img_i]["refs"][ri]
-        return {"index": index, "key": im["key"], "image_id": im["image_id"], "ref_id": ref.get("ref_id"),
-                "ann_id": ref.get("ann_id"), "sentence": k, "text": ref["sentences"][k],
-                "bbox": [float(x) for x in ref["bbox"]], "mask": ref.get("mask"),
-                "size": [im["height"], im["width"]]}
+        out = {"index": index, "key": im["key"], "image_id": im["image_id"], "ref_id": ref.get("ref_id"),
+               "ann_id": ref.get("ann_id"), "sentence": k, "text": ref["sentences"][k],
+               "size": [im["height"], im["width"]], "generalised": is_generalised_ref(ref)}
+        if out["generalised"]:    # every target (none for no target); no single bbox/mask
+            masks = ref.get("masks") or [None] * len(ref["bboxes"])
+            out.update(ann_ids=list(ref["ann_ids"]), no_target=bool(ref["no_target"]), bbox=None, mask=None,
+                       bboxes=[[float(x) for x in b] for b in ref["bboxes"]], masks=masks)
+        else:
+            out.update(bbox=[float(x) for x in ref["bbox"]], mask=ref.get("mask"))
+        return out
 
     def raw_image(self, index: int) -> np.ndarray:
         """The stored image of item `index` as an RGB uint8 array [H, W, 3] (for pictures and error analysis)."""
@@ -185,7 +225,23 @@ class GroundingDataset(Dataset):
         return decode_image(self.index.read(im["sample"], im["ext"]), self.decoder).permute(1, 2, 0).numpy()
 
     def _mask(self, ref: dict, h: int, w: int) -> torch.Tensor:
-        rle = ref.get("mask")
+        return self._mask_of(ref.get("mask"), ref["bbox"], h, w)
+
+    def _targets(self, ref: dict, h: int, w: int) -> tuple[list[float], torch.Tensor, list, torch.Tensor]:
+        """(box for the view, its mask, every target box, every target mask uint8 [T,h,w]) of one ref: a one-target
+        ref is its own single target; a generalised one gives the union box (the whole image for no target),
+        the merged mask, and its targets."""
+        if not is_generalised_ref(ref):
+            m = self._mask(ref, h, w)
+            return ref["bbox"], m, [ref["bbox"]], m[None]
+        boxes = ref["bboxes"]
+        rles = ref.get("masks") or [None] * len(boxes)
+        masks = torch.stack([self._mask_of(r, b, h, w) for r, b in zip(rles, boxes)]) if boxes else \
+            torch.zeros(0, h, w, dtype=torch.uint8)
+        merged = masks.amax(0) if boxes else torch.zeros(h, w, dtype=torch.uint8)
+        return (union_box(boxes) if boxes else [0.0, 0.0, float(w), float(h)]), merged, boxes, masks
+
+    def _mask_of(self, rle: Any, bbox: list, h: int, w: int) -> torch.Tensor:
         if rle and isinstance(rle, dict):
             if list(rle.get("size", [])) == [h, w]:
                 try:
@@ -197,7 +253,7 @@ class GroundingDataset(Dataset):
         else:
             self.skips["mask_from_box"] += 1
         m = torch.zeros(h, w, dtype=torch.uint8)       # no usable mask: the box region (counted)
-        x, y, bw, bh = ref["bbox"]
+        x, y, bw, bh = bbox
         m[int(y):int(math.ceil(y + bh)), int(x):int(math.ceil(x + bw))] = 1
         return m
 
@@ -240,12 +296,14 @@ class GroundingDataset(Dataset):
         h, w = im["height"], im["width"]
         text = clean_caption(ref["sentences"][k], 1000)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
-        v = grounding_view(img, ref["bbox"], self._mask(ref, h, w), text, train=self.train, size=self.size, rng=rng,
+        box, mask, boxes, masks = self._targets(ref, h, w)
+        multi = {"extra_boxes": boxes, "extra_masks": masks} if self.max_targets else {}
+        v = grounding_view(img, box, mask, text, train=self.train, size=self.size, rng=rng,
                            flip_prob=self.flip_prob, crop_prob=self.crop_prob,
-                           crop_allowed=not has_direction_words(text))
+                           crop_allowed=not has_direction_words(text), **multi)
         enc = self.tok(v["text"], padding="max_length", truncation=True, max_length=self.max_len,
                        return_attention_mask=True)
-        return {
+        item = {
             "image": normalize(v["image"], self.mean, self.std),
             "text_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
             "text_mask": torch.tensor(enc["attention_mask"], dtype=torch.long),
@@ -256,6 +314,14 @@ class GroundingDataset(Dataset):
             "offset": torch.tensor(v["offset"], dtype=torch.float32),
             "orig_size": torch.tensor([h, w], dtype=torch.long),
         }
+        if self.max_targets:
+            K, n = self.max_targets, min(len(boxes), self.max_targets)
+            item["boxes"] = torch.zeros(K, 4)
+            item["boxes"][:n] = v["boxes"][:n].float()
+            item["target_masks"] = torch.zeros(K, self.size, self.size, dtype=torch.uint8)
+            item["target_masks"][:n] = v["masks"][:n]
+            item["n_targets"] = torch.tensor(n, dtype=torch.long)
+        return item
 
 
 def collate_grounding(items: list[dict]) -> dict:

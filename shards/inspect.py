@@ -119,9 +119,10 @@ def _check_sample(key: str, group: dict[str, bytes], seen: set, records: list) -
             Image.DecompressionBombWarning) as e:
         problems.append(f"image does not decode ({e})")
     for i, ref in enumerate(rec.get("refs", [])):
-        if "mask" in ref:
+        masks = ([ref["mask"]] if "mask" in ref else []) + list(ref.get("masks") or [])   # generalised refs: masks
+        for m in masks:
             try:
-                mk = decode_mask(ref["mask"])
+                mk = decode_mask(m)
                 if mk.shape != (rec["height"], rec["width"]):
                     problems.append(f"refs[{i}]: mask shape {mk.shape}")
             except Exception as e:  # pycocotools raises bare Exceptions on bad counts

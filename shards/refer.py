@@ -9,6 +9,15 @@ containers and scalars only, never arbitrary globals) and fall back to `encoding
 byte strings are not ASCII. Boxes and masks are not in the pickle: they come from instances.json by ann_id.
 The image path is built from image_id, never from the pickle's `file_name` (whose suffix is not the ann_id
 in refcoco).
+
+gRefCOCO (generalised referring, henghuiding/ReLA's `grefer.py` layout; DATA_FORMATS.md "gRefCOCO"):
+`<root>/grefcoco/grefs(unc).json` (or `grefs(unc).p`) + `<root>/grefcoco/instances.json` (COCO). The refs file is a
+list of dicts with `ref_id`, `image_id`, `split`, `sentences` (refer's sentence dicts or strings) and `ann_id`,
+which is an int or a list of ints: `[-1]` (or -1) means no target; an optional `no_target` bool must agree.
+`category_id` may be an int or a list and is ignored (each target's category comes from instances.json).
+Such refs are written in the generalised schema (shards.schema.is_generalised_ref): `ann_ids` (empty for no
+target), `no_target`, `bboxes` and `masks` (one per target); the one-target schema of the refer datasets is
+unchanged. A ref with a malformed `ann_id` or a contradicting `no_target` is refused and counted.
 """
 from __future__ import annotations
 
@@ -25,9 +34,10 @@ from shards.build import Item
 from shards.inputs import InputError, is_plain_name, load_json, require_list
 from shards.schema import make_key
 
-DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
+DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")
 SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
-             "refclef": ("unc", "berkeley")}
+             "refclef": ("unc", "berkeley"), "grefcoco": ("unc",)}
+GENERALISED = ("grefcoco",)     # refs name several targets or none
 # DATA_FORMATS §2.2: the evaluation splits whose images must never be seen in pretraining.
 EXCLUSION_SOURCES = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"))
 GOOGLE_SOURCES = (("refcoco", "google"), ("refcocog", "google"))
@@ -87,6 +97,47 @@ def load_refs(path: str | Path) -> list[dict]:
     return refs
 
 
+def grefs_path(refer_root: str | Path, dataset: str, split_by: str) -> Path:
+    """`<root>/<dataset>/grefs(<split_by>).json`, or the `.p` pickle when only that exists."""
+    base = Path(refer_root) / dataset
+    js = base / f"grefs({split_by}).json"
+    pk = base / f"grefs({split_by}).p"
+    return pk if not js.exists() and pk.is_file() else js
+
+
+def load_grefs(path: str | Path) -> list[dict]:
+    """The list of ref dicts of a gRefCOCO refs file (JSON, or a refer-style pickle)."""
+    p = Path(path)
+    if p.suffix == ".p":
+        return load_refs(p)
+    try:
+        refs = load_json(p, list)
+    except InputError as e:
+        raise ReferFormatError(e.path, e.problem) from None
+    for i, r in enumerate(refs):
+        missing = [k for k in _REF_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ReferFormatError(p, f"ref {i} lacks key(s) {', '.join(missing)}")
+    return refs
+
+
+def target_ann_ids(ref: dict) -> list[int] | None:
+    """A gRefCOCO ref's target annotation ids (`ann_id` an int or a list; -1 / [-1] = no target -> []), or None
+    when `ann_id` is malformed or contradicts an explicit `no_target`."""
+    a = ref["ann_id"]
+    ids = [a] if _is_int(a) else a if isinstance(a, list) and all(_is_int(v) for v in a) else None
+    if ids is None:
+        return None
+    if ids == [-1]:
+        ids = []
+    if any(v < 0 for v in ids) or len(set(ids)) != len(ids):
+        return None
+    nt = ref.get("no_target")
+    if nt is not None and (not isinstance(nt, bool) or nt != (not ids)):
+        return None
+    return ids
+
+
 def load_instances(path: str | Path) -> dict:
     """A refer `instances.json` (COCO-style; `images` and `annotations` lists required)."""
     try:
@@ -126,13 +177,17 @@ def ref_problem(ref: dict) -> str | None:
         return "ref_bad_ref_id"
     if not _is_int(ref["image_id"]) or ref["image_id"] < 0:
         return "ref_bad_image_id"
-    if not _is_int(ref["ann_id"]):
+    if "ann_ids" in ref:                    # a gRefCOCO ref after target_ann_ids
+        if ref["ann_ids"] is None:
+            return "ref_bad_ann_id"
+    elif not _is_int(ref["ann_id"]):
         return "ref_bad_ann_id"
     if not is_plain_name(ref["split"]):
         return "ref_bad_split"              # a split becomes a directory name: never a path
     if not isinstance(ref["sentences"], list):
         return "ref_bad_sentences"
-    if "category_id" in ref and ref["category_id"] is not None and not _is_int(ref["category_id"]):
+    if ("ann_ids" not in ref and "category_id" in ref and ref["category_id"] is not None
+            and not _is_int(ref["category_id"])):      # gRefCOCO: an int or a list, unused (instances.json has it)
         return "ref_bad_category_id"
     return None
 
@@ -204,6 +259,21 @@ def _sentences(ref: dict) -> list:
     return [s.get("sent") if isinstance(s, dict) else s if isinstance(s, str) else None for s in ref["sentences"]]
 
 
+def _generalised_entry(ref: dict, anns: dict[int, dict]) -> dict | None:
+    """The shard builder's view of a gRefCOCO ref: its targets' boxes and segmentations joined from
+    instances.json by id (None when one of them is missing)."""
+    targets = [anns.get(a) for a in ref["ann_ids"]]
+    if any(t is None for t in targets):
+        return None
+    entry = {"ref_id": ref["ref_id"], "ann_ids": list(ref["ann_ids"]), "no_target": not targets,
+             "category_ids": [t.get("category_id") for t in targets], "split": ref["split"],
+             "bboxes": [t["bbox"] for t in targets], "sentences": _sentences(ref)}
+    segs = [t.get("segmentation") for t in targets]
+    if all(sg is not None for sg in segs):
+        entry["segmentations"] = segs
+    return entry
+
+
 def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path, *,
                   exclude_ids: set[int] | None = None
                   ) -> tuple[dict[str, list[Item]], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
@@ -226,7 +296,11 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ReferFormatError(images_dir, "no such directory" if not images_dir.exists() else "not a directory")
-    refs = load_refs(refs_path(root, dataset, split_by))
+    generalised = dataset in GENERALISED
+    refs_file = grefs_path(root, dataset, split_by) if generalised else refs_path(root, dataset, split_by)
+    refs = load_grefs(refs_file) if generalised else load_refs(refs_file)
+    if generalised:
+        refs = [{**r, "ann_ids": target_ann_ids(r)} for r in refs]
     inst_path = root / dataset / "instances.json"
     inst = load_instances(inst_path)
     anns = {a["id"]: a for a in inst["annotations"]}
@@ -250,6 +324,18 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
         split, image_id = ref["split"], ref["image_id"]
         counts[split]["refs_in_file"] += 1
         counts[split]["sentences_in_file"] += len(ref["sentences"])
+        if generalised:
+            entry = _generalised_entry(ref, anns)
+            if entry is None:
+                skips[split]["ref_ann_missing"] += 1
+                continue
+            counts[split]["no_target_refs_in_file" if entry["no_target"] else
+                          "multi_target_refs_in_file" if len(entry["ann_ids"]) > 1 else "one_target_refs_in_file"] += 1
+            if exclude_ids and split == "train" and image_id in exclude_ids:
+                skips[split]["ref_image_in_eval_split"] += 1
+                continue
+            groups[(split, image_id)].append(entry)
+            continue
         ann = anns.get(ref["ann_id"])
         if ann is None:
             skips[split]["ref_ann_missing"] += 1
@@ -262,12 +348,12 @@ def refcoco_items(refer_root: str | Path, dataset: str, split_by: str, images_di
             "category_id": ref.get("category_id", ann.get("category_id")), "split": split,
             "bbox": ann["bbox"], "sentences": _sentences(ref), "segmentation": ann.get("segmentation")})
     if refused:
-        print(f"warning: {refs_path(root, dataset, split_by)}: refused {sum(refused.values())} ref(s): "
+        print(f"warning: {refs_file}: refused {sum(refused.values())} ref(s): "
               + ", ".join(f"{k}={v}" for k, v in sorted(refused.items())), file=sys.stderr)
         for split in counts:
             counts[split].update({f"refused_{k}": v for k, v in refused.items()})
     if not usable:
-        raise ReferFormatError(refs_path(root, dataset, split_by), "holds no usable ref (refused: "
+        raise ReferFormatError(refs_file, "holds no usable ref (refused: "
                                + ", ".join(f"{k}={v}" for k, v in sorted(refused.items())) + ")")
 
     by_split: dict[str, list[Item]] = {s: [] for s in counts}

@@ -63,6 +63,37 @@ def box_problem(bbox: Any, width: int, height: int, tol: float = 1e-3) -> str | 
     return None
 
 
+def is_generalised_ref(ref: Any) -> bool:
+    """A gRefCOCO-style ref (several targets or none): it carries an ``ann_ids`` list instead of ``ann_id``."""
+    return isinstance(ref, dict) and "ann_ids" in ref
+
+
+def _is_rle(m: Any, w: int, h: int) -> bool:
+    return isinstance(m, dict) and m.get("size") == [h, w] and isinstance(m.get("counts"), str)
+
+
+def _generalised_ref_problems(r: dict, w: int, h: int) -> list[str]:
+    """A generalised ref: ``ann_ids`` [int] (empty for no target), ``no_target`` bool (true exactly when
+    ``ann_ids`` is empty), ``bboxes`` one box per ann id, optional ``masks`` one RLE per ann id; no ``bbox``."""
+    problems = []
+    ids, boxes, no_target = r.get("ann_ids"), r.get("bboxes"), r.get("no_target")
+    if not isinstance(ids, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in ids):
+        return ["ann_ids must be a list of integers"]
+    if not isinstance(no_target, bool) or no_target != (not ids):
+        problems.append(f"no_target must be a bool, true exactly when ann_ids is empty (got {no_target!r})")
+    if "bbox" in r or "mask" in r:
+        problems.append("a generalised ref holds bboxes/masks lists, not bbox/mask")
+    if not isinstance(boxes, list) or len(boxes) != len(ids):
+        problems.append("bboxes must be a list with one box per ann id")
+    else:
+        problems += [p for b in boxes if (p := box_problem(b, w, h))]
+    masks = r.get("masks")
+    if masks is not None and (not isinstance(masks, list) or len(masks) != len(ids)
+                              or not all(_is_rle(m, w, h) for m in masks)):
+        problems.append(f"masks must be a list of compressed RLEs of size [{h}, {w}], one per ann id")
+    return problems
+
+
 def validate_record(rec: Any) -> list[str]:
     """Return every way ``rec`` (one sample's JSON) breaks the schema; an empty list means valid.
 
@@ -106,7 +137,9 @@ def validate_record(rec: Any) -> list[str]:
         if not isinstance(r, dict):
             problems.append(f"refs[{i}] is not an object")
             continue
-        if (p := box_problem(r.get("bbox"), w, h)):
+        if is_generalised_ref(r):
+            problems += [f"refs[{i}]: {p}" for p in _generalised_ref_problems(r, w, h)]
+        elif (p := box_problem(r.get("bbox"), w, h)):
             problems.append(f"refs[{i}]: {p}")
         sents = r.get("sentences")
         if not isinstance(sents, list) or not sents or not all(isinstance(s, str) and s.strip() for s in sents):

@@ -7,8 +7,12 @@ the demo and the tests run the real converters on it.
     out/cc3m/00000.tar  00000.parquet  00000_stats.json
     out/objects365/zhiyuan_objv2_train.json                     out/objects365/patch{0,1}/*.jpg
     out/refer/refcoco/{refs(unc).p,instances.json}              out/refer/images/train2014/COCO_train2014_%012d.jpg
+    out/refer/grefcoco/{grefs(unc).json,instances.json}         (gRefCOCO layout, the same refer images)
 
-The refer images are a subset of the COCO images (same ids, same bytes) and the first half of the VG images
+The grefcoco set (gRefCOCO's format, see shards.refer) holds, per refer image and in that image's split,
+up to two multi-target refs ("all the red shapes", "the two circles left of the star"), one no-target ref
+("the green star" when there is none) and one single-target ref, drawn from their own random stream so the
+other datasets do not change with it. The refer images are a subset of the COCO images (same ids, same bytes) and the first half of the VG images
 are COCO images too (`coco_id`), so `--exclude-refer` has real work to do. Every file is a pure function of
 the seed: JSON key order, JPEG quality, tar headers and the pickle protocol are fixed.
 """
@@ -30,7 +34,8 @@ from pycocotools import mask as mask_utils
 
 from shards.inputs import InputError
 from shards.synthetic_scene import COLORS, IMAGE_SIZES, SHAPES, Scene, render, sample_scene
-from shards.synthetic_text import captions, referring_expressions, region_phrases
+from shards.synthetic_text import (captions, multi_target_expressions, no_target_expressions, referring_expressions,
+                                   region_phrases)
 
 DEFAULT_IMAGES = 320
 JPEG_QUALITY = 90
@@ -49,7 +54,8 @@ LICENSES = [
     {"url": "http://creativecommons.org/licenses/by-nc/2.0/", "id": 2, "name": "Attribution-NonCommercial License"},
     {"url": "http://creativecommons.org/licenses/by/2.0/", "id": 4, "name": "Attribution License"},
 ]
-_STREAMS = {"coco": 1, "vg": 2, "cc3m": 3, "objects365": 4}
+_STREAMS = {"coco": 1, "vg": 2, "cc3m": 3, "objects365": 4, "grefcoco": 5}
+MULTI_REFS_PER_IMAGE = 2        # grefcoco: multi-target refs per image (at most), + 1 no-target + 1 single-target
 _TAR_MTIME = 1_600_000_000
 
 
@@ -158,6 +164,7 @@ def generate(out_dir: str | Path, seed: int = 0, images: int | None = None) -> d
     summary: dict[str, Any] = {"seed": seed, "out": str(out)}
     ann_ids = _write_coco(out / "coco", coco_ids, scenes, jpegs, caps, summary)
     _write_refer(out / "refer", coco_ids[:n_refer], scenes[:n_refer], jpegs[:n_refer], refer, ann_ids, summary)
+    _write_grefcoco(out / "refer", seed, coco_ids[:n_refer], scenes[:n_refer], [s for s, _ in refer], ann_ids, summary)
     _write_vg(out / "vg", seed, max(4, n_coco * 3 // 4), coco_ids, scenes, jpegs, summary)
     _write_img2dataset(out / "cc3m", seed, max(4, n_coco * 3 // 4), summary)
     _write_objects365(out / "objects365", seed, max(4, n_coco // 2), summary)
@@ -251,6 +258,47 @@ def _write_refer(root: Path, ids: list[int], scenes: list[Scene], jpegs: list[by
     # {split: {images, refs, sentences}, "non_train_images": n} (tests of the converters read this layout)
     summary["refcoco"] = dict(sorted(counts.items()))
     summary["refcoco"]["non_train_images"] = len({r["image_id"] for r in refs if r["split"] != "train"})
+
+
+def _sentences(exprs: list[tuple[str, str]], first_id: int) -> list[dict]:
+    return [{"tokens": s.split(), "raw": raw, "sent_id": first_id + i, "sent": s} for i, (raw, s) in enumerate(exprs)]
+
+
+def _write_grefcoco(root: Path, seed: int, ids: list[int], scenes: list[Scene], splits: list[str],
+                    ann_ids: list[list[int]], summary: dict) -> None:
+    """gRefCOCO layout: grefcoco/grefs(unc).json (ann_id a list, [-1] and no_target for none) + instances.json
+    (the refcoco one: same images, same annotations)."""
+    cats = {c["name"]: c["id"] for c in coco_categories()}
+    refs: list[dict] = []
+    counts: dict[str, dict[str, int]] = {}
+    sent_id = 0
+    for k, (image_id, scene, split, aids) in enumerate(zip(ids, scenes, splits, ann_ids)):
+        rng = _rng(seed, "grefcoco", k)
+        picked: list[tuple[list[int], list[tuple[str, str]]]] = []
+        picked += multi_target_expressions(scene.objects, scene.side, rng, refs=MULTI_REFS_PER_IMAGE)
+        none = no_target_expressions(scene.objects, rng)
+        if none:
+            picked.append(([], none))
+        singles = [(t, e) for t in rng.permutation(len(scene.objects)).tolist()
+                   if (e := referring_expressions(scene.objects, t, scene.side, rng, k=2))][:1]
+        picked += [([t], e) for t, e in singles]
+        c = counts.setdefault(split, {"images": 0, "refs": 0, "sentences": 0, "multi_target": 0, "no_target": 0})
+        c["images"] += 1
+        for targets, exprs in picked:
+            sents = _sentences(exprs, sent_id)
+            refs.append({"image_id": image_id, "split": split, "sentences": sents,
+                         "file_name": f"COCO_train2014_{image_id:012d}.jpg",
+                         "category_id": [cats[scene.objects[t].label] for t in targets] or [-1],
+                         "ann_id": [aids[t] for t in targets] or [-1], "no_target": not targets,
+                         "sent_ids": [s["sent_id"] for s in sents], "ref_id": len(refs)})
+            sent_id += len(sents)
+            c["refs"] += 1
+            c["sentences"] += len(sents)
+            c["multi_target"] += len(targets) > 1
+            c["no_target"] += not targets
+    _write_json(root / "grefcoco" / "grefs(unc).json", refs)
+    _write(root / "grefcoco" / "instances.json", (root / "refcoco" / "instances.json").read_bytes())
+    summary["grefcoco"] = dict(sorted(counts.items()))
 
 
 def _write_vg(root: Path, seed: int, n: int, coco_ids: list[int], coco_scenes: list[Scene],

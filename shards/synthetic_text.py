@@ -11,6 +11,14 @@ landmark must be unique and the target must lie at least `margin` on the named s
 other candidate lies on the opposite side. `resolve` reads the *text* back (its own parser) and returns
 every object a lenient reader could mean, so a test can check each expression against objects rebuilt from
 the written files.
+
+Generalised expressions (gRefCOCO style, shards.synthetic's grefcoco set) name several objects or none:
+  all         "all the red shapes", "all the circles left of the blue star"   (every match, at least two)
+  counted     "the two circles", "the three shapes right of the red square"    (the count is exact)
+  no target   "the green star" when there is none: a singular description no object matches
+`multi_target_expressions` and `no_target_expressions` draw them under the same margin rules as the
+relations above (every target at least `margin` on the named side, every other candidate on the opposite
+side); `resolve` returns exactly their targets (the empty list for no target).
 """
 from __future__ import annotations
 
@@ -54,18 +62,24 @@ class Desc:
         return all(v is None or v == getattr(o, k) for k, v in
                    (("size", self.size), ("color", self.color), ("shape", self.shape)))
 
-    def text(self) -> str:
-        return " ".join(w for w in (self.size, self.color, self.shape or NOUN) if w)
+    def text(self, plural: bool = False) -> str:
+        return " ".join(w for w in (self.size, self.color, (self.shape or NOUN) + ("s" if plural else "")) if w)
+
+
+COUNT_WORDS = {"two": 2, "three": 3, "four": 4}   # counted multi-target expressions ("the two circles")
+ALL = "all"
 
 
 @dataclass(frozen=True)
 class Query:
-    """A parsed referring expression."""
+    """A parsed referring expression. `quantity` None is the singular "the ..."; "all" or a COUNT_WORDS word
+    make the target plural (a multi-target expression)."""
 
     target: Desc
     kind: str                      # "attribute" | "superlative" | "relation"
     direction: str | None = None   # left/right/above/below
     landmark: Desc | None = None
+    quantity: str | None = None    # None | "all" | "two" | "three" | "four"
 
 
 def _extremeness(o: SceneObject, direction: str) -> float:
@@ -102,8 +116,12 @@ def parse(sentence: str) -> Query:
         key = f" {phrase} "
         if key in f" {text} ":
             left, right = f" {text} ".split(key, 1)
-            return Query(_parse_desc(left.split()), "relation", _PHRASE_TO_REL[phrase],
-                         _parse_desc(right.split()))
+            quantity, left_words = _quantifier(left.split())
+            return Query(_parse_desc(left_words, plural=quantity is not None), "relation", _PHRASE_TO_REL[phrase],
+                         _parse_desc(right.split()), quantity)
+    quantity, words = _quantifier(words)
+    if quantity is not None:
+        return Query(_parse_desc(words, plural=True), "attribute", quantity=quantity)
     if words and words[0] == "the":
         words = words[1:]
     if words and words[0] in _SUPER_TO_DIR:
@@ -111,16 +129,34 @@ def parse(sentence: str) -> Query:
     return Query(_parse_desc(words), "attribute")
 
 
-def _parse_desc(words: list[str]) -> Desc:
+def _quantifier(words: list[str]) -> tuple[str | None, list[str]]:
+    """("all" | count word | None, the words after it): "all the ...", "the two ...", "two ..."."""
+    if words and words[0] == ALL:
+        return ALL, words[2:] if words[1:2] == ["the"] else words[1:]
+    rest = words[1:] if words[:1] == ["the"] else words
+    if rest and rest[0] in COUNT_WORDS:
+        return rest[0], rest[1:]
+    return None, words
+
+
+def _noun(w: str, plural: bool) -> str | None:
+    """The shape (or NOUN) that `w` names in the expected number, else None."""
+    base = w[:-1] if plural and w.endswith("s") else None if plural else w
+    return base if base in SHAPES or base == NOUN else None
+
+
+def _parse_desc(words: list[str], plural: bool = False) -> Desc:
     if words and words[0] == "the":
         words = words[1:]
     fields: dict[str, str] = {}
     for w in words:
-        key = ("size" if w in SIZES else "color" if w in COLORS else "shape" if w in SHAPES
-               else "noun" if w == NOUN else None)
+        noun = _noun(w, plural)
+        key = ("size" if w in SIZES else "color" if w in COLORS else "shape" if noun in SHAPES
+               else "noun" if noun == NOUN else None)
         if key is None or key in fields:
-            raise ValueError(f"cannot parse {' '.join(words)!r}: unexpected word {w!r}")
-        fields[key] = w
+            raise ValueError(f"cannot parse {' '.join(words)!r}: unexpected word {w!r}"
+                             + (" (a plural noun is expected after a quantity)" if plural else ""))
+        fields[key] = noun if key in ("shape", "noun") else w
     if "shape" not in fields and "noun" not in fields:
         raise ValueError(f"cannot parse {' '.join(words)!r}: no head noun")
     return Desc(fields.get("size"), fields.get("color"), fields.get("shape"))
@@ -171,14 +207,16 @@ def valid_queries(objects: Sequence[SceneObject], t: int, side: float) -> list[Q
 def render_query(q: Query, rng: np.random.Generator) -> tuple[str, str]:
     """(raw, sent): the raw text (mixed case, optional full stop, like real refer data) and its
     lower-cased, punctuation-free form."""
+    plural = q.quantity is not None
+    head = "all the" if q.quantity == ALL else f"the {q.quantity}" if plural else "the"
     if q.kind == "attribute":
-        body = f"the {q.target.text()}"
+        body = f"{head} {q.target.text(plural)}"
     elif q.kind == "superlative":
         body = f"the {SUPERLATIVES[q.direction]} {q.target.text()}"
     else:
         phrases = RELATION_WORDS[q.direction]
-        body = f"the {q.target.text()} {phrases[int(rng.integers(len(phrases)))]} the {q.landmark.text()}"
-    sent = body if rng.random() < 0.8 else body[len("the "):]
+        body = f"{head} {q.target.text(plural)} {phrases[int(rng.integers(len(phrases)))]} the {q.landmark.text()}"
+    sent = body if plural or rng.random() < 0.8 else body[len("the "):]
     raw = sent[0].upper() + sent[1:] if rng.random() < 0.5 else sent
     if rng.random() < 0.3:
         raw += "."
@@ -206,6 +244,70 @@ def referring_expressions(objects: Sequence[SceneObject], t: int, side: float, r
             out.append((raw, sent))
         if len(out) == k:
             break
+    return out
+
+
+def _quantities(n: int) -> list[str]:
+    """The quantifiers that name exactly n >= 2 objects: "all", and the count word when there is one."""
+    return [ALL] + [w for w, k in COUNT_WORDS.items() if k == n]
+
+
+def multi_target_queries(objects: Sequence[SceneObject], side: float) -> dict[tuple[int, ...], list[Query]]:
+    """Every plural query that names a set of at least two objects exactly, keyed by that set (sorted indices):
+    attribute ("all the red shapes", "the two circles") and relation ("all the circles left of the star", the
+    landmark unique, every target at least `margin` on the named side, every other candidate on the other)."""
+    m = MARGIN * side
+    out: dict[tuple[int, ...], list[Query]] = {}
+    descs = list(dict.fromkeys(d for o in objects for d in _descs(o)))
+    landmarks = [(j, d) for j in range(len(objects)) if (d := _unique_desc(objects, j)) is not None]
+    for d in descs:
+        cands = [i for i, o in enumerate(objects) if d.matches(o)]
+        if len(cands) >= 2:
+            out.setdefault(tuple(cands), []).extend(Query(d, "attribute", quantity=q) for q in _quantities(len(cands)))
+        for j, dl in landmarks:
+            others = [i for i in cands if i != j]
+            for direction in RELATION_WORDS:
+                targets = [i for i in others if _offset(objects[i], objects[j], direction) >= m]
+                if len(targets) >= 2 and all(_offset(objects[i], objects[j], direction) <= 0
+                                             for i in others if i not in targets):
+                    out.setdefault(tuple(targets), []).extend(
+                        Query(d, "relation", direction, dl, q) for q in _quantities(len(targets)))
+    return out
+
+
+def multi_target_expressions(objects: Sequence[SceneObject], side: float, rng: np.random.Generator, *,
+                             refs: int = 2, k: int = 3) -> list[tuple[list[int], list[tuple[str, str]]]]:
+    """Up to `refs` (targets, [(raw, sent), ...]) pairs, each naming a different set of >= 2 objects with up to
+    k distinct expressions (drawn from multi_target_queries)."""
+    groups = multi_target_queries(objects, side)
+    keys = sorted(groups)
+    out = []
+    for gi in rng.permutation(len(keys))[:refs]:
+        qs = groups[keys[int(gi)]]
+        exprs: list[tuple[str, str]] = []
+        for qi in rng.permutation(len(qs)):
+            raw, sent = render_query(qs[int(qi)], rng)
+            if sent not in {s for _, s in exprs}:
+                exprs.append((raw, sent))
+            if len(exprs) == k:
+                break
+        out.append((list(keys[int(gi)]), exprs))
+    return out
+
+
+def no_target_expressions(objects: Sequence[SceneObject], rng: np.random.Generator, k: int = 2
+                          ) -> list[tuple[str, str]]:
+    """Up to k singular descriptions that no object matches, near misses first: "the green star" when a star
+    or a green shape is present but no green star, "the large red circle" when the red circle is small."""
+    present = {(o.color, o.shape) for o in objects}
+    near = [Desc(None, c, s) for s in SHAPES for c in COLORS if (c, s) not in present
+            and any(o.shape == s or o.color == c for o in objects)]
+    near += [Desc(z, o.color, o.shape) for o in objects for z in SIZES
+             if not any(Desc(z, o.color, o.shape).matches(p) for p in objects)]
+    near = list(dict.fromkeys(near))
+    out: list[tuple[str, str]] = []
+    for i in rng.permutation(len(near))[:k]:
+        out.append(render_query(Query(near[int(i)], "attribute"), rng))
     return out
 
 

@@ -1,0 +1,92 @@
+"""An MDETR-style multi-instance head on VG-LAW's visual tokens: N object queries decode boxes, scores, soft
+token predictions, contrastive-alignment embeddings and masks, so an expression may name several objects or
+none (gRefCOCO).
+
+Conditioning on the expression: the decoder's memory is the projected visual tokens (2D sin-cos positions added)
+*and* the projected text tokens (padding masked), each with a type embedding, as MDETR's encoder output holds
+both modalities; the visual tokens are already language-adapted by LAW, so there is no separate encoder.
+The queries are learned embeddings (not initialised from the text).
+
+Per query: box = sigmoid(MLP) (cx, cy, w, h); token logits = a dot product of the query with every text token
+(padding at -1e4) plus one "no object" logit, so the score is 1 - p(no object) (MDETR's soft token prediction
+with a position-free classifier); alignment embeddings (L2-normalised, `align_dim`) of queries and tokens for
+the contrastive loss; mask logits = the dot product of a per-query embedding with the mask head's pixel
+embeddings (finetune/heads.py ResHead.pixel_embeddings, 1/4 of the input).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD_LOGIT = -1e4        # finite, so a zero target times it stays zero
+
+
+def mlp(d_in: int, hidden: int, d_out: int, layers: int = 3) -> nn.Sequential:
+    dims = [d_in] + [hidden] * (layers - 1)
+    mods: list[nn.Module] = []
+    for a, b in zip(dims, dims[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*mods, nn.Linear(dims[-1], d_out))
+
+
+def sincos_2d(hw: tuple[int, int], dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2D sin-cos positions [H*W, dim] of a token grid (row-major, like the visual tokens)."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    return build_sincos2d_pos_embed(list(hw), dim=dim).to(device=device, dtype=dtype)
+
+
+class MdetrHead(nn.Module):
+    def __init__(self, vis_dim: int, text_dim: int, pix_dim: int, *, queries: int = 10, dim: int = 256,
+                 depth: int = 3, heads: int = 8, align_dim: int = 64) -> None:
+        super().__init__()
+        self.dim = dim
+        self.vis_proj = nn.Linear(vis_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.type_embed = nn.Parameter(torch.zeros(2, dim))         # 0 visual token, 1 text token
+        nn.init.normal_(self.type_embed, std=0.02)
+        self.query_embed = nn.Embedding(queries, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
+        self.box = mlp(dim, dim, 4)
+        self.token_query = nn.Linear(dim, dim)
+        self.token_key = nn.Linear(dim, dim)
+        self.no_object = nn.Linear(dim, 1)
+        self.align_query = nn.Linear(dim, align_dim)
+        self.align_token = nn.Linear(dim, align_dim)
+        self.mask_embed = mlp(dim, dim, pix_dim)
+
+    @property
+    def queries(self) -> int:
+        return self.query_embed.num_embeddings
+
+    def forward(self, visual: torch.Tensor, hw: tuple[int, int], text: torch.Tensor, text_mask: torch.Tensor,
+                pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """visual [B,N,C] on grid hw, text [B,L,d_l] with text_mask [B,L], pixels [B,P,h,w] ->
+        pred_boxes [B,Q,4], pred_logits [B,Q,L+1] (the last column is "no object"), query_align [B,Q,A],
+        token_align [B,L,A] (both L2-normalised), pred_masks [B,Q,h,w] (logits)."""
+        B = visual.shape[0]
+        pos = sincos_2d(hw, self.dim, visual.device, visual.dtype)
+        mem_v = self.vis_proj(visual) + pos[None] + self.type_embed[0]
+        mem_t = self.text_proj(text) + self.type_embed[1]
+        pad = text_mask == 0
+        memory = torch.cat([mem_v, mem_t], 1)
+        key_pad = torch.cat([torch.zeros(B, mem_v.shape[1], dtype=torch.bool, device=pad.device), pad], 1)
+        # repeat, not expand: a view of a parameter made under no_grad (the FLOP counter's pass) breaks module hooks
+        tgt = self.query_embed.weight[None].repeat(B, 1, 1).to(memory.dtype)
+        hs = self.decoder(tgt, memory, memory_key_padding_mask=key_pad)
+        tok = torch.einsum("bqd,bld->bql", self.token_query(hs), self.token_key(mem_t)) / math.sqrt(self.dim)
+        tok = tok.masked_fill(pad[:, None, :], PAD_LOGIT)
+        logits = torch.cat([tok, self.no_object(hs)], -1)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(hs), pixels) / math.sqrt(pixels.shape[1])
+        return {"pred_boxes": self.box(hs).sigmoid(), "pred_logits": logits,
+                "query_align": F.normalize(self.align_query(hs), dim=-1),
+                "token_align": F.normalize(self.align_token(mem_t), dim=-1), "pred_masks": masks}
+
+
+def query_scores(pred_logits: torch.Tensor) -> torch.Tensor:
+    """[B,Q,L+1] -> [B,Q]: 1 - p(no object)."""
+    return 1.0 - pred_logits.float().softmax(-1)[..., -1]
