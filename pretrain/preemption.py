@@ -41,7 +41,12 @@ class PreemptionFlag:
         return _received
 
     def name(self) -> str:
-        return signal.Signals(_received).name if _received is not None else ""
+        if _received is None:
+            return ""
+        try:
+            return signal.Signals(_received).name
+        except ValueError:
+            return f"signal {_received}"
 
     def __enter__(self) -> "PreemptionFlag":
         global _active
@@ -84,7 +89,9 @@ class _Installation:
     def _wait(self) -> None:
         while not self._stop.is_set():
             info = signal.sigtimedwait(self.signals, 0.2)
-            if info is not None:
+            # only a signal we wait for counts: a requeued SLURM step once produced a garbage si_signo here at
+            # start-up, which stopped a healthy run as if preempted
+            if info is not None and info.si_signo in self.signals:
                 _set(info.si_signo)
 
     def remove(self) -> None:
