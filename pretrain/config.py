@@ -92,19 +92,34 @@ class OptimConfig:
             raise ConfigError(f"optim.step_milestones: expected positive step numbers, got {self.step_milestones!r}")
 
 
+ENGINE_BACKENDS = ("deepspeed", "ddp")
+
+
 @dataclass
 class EngineConfig:
-    deepspeed: bool = True                  # False: plain single-process PyTorch loop
-    zero_stage: int = 2                     # 0-3
+    backend: str = "deepspeed"              # deepspeed (ZeRO 0-3, offload) | ddp (torch DistributedDataParallel)
+    deepspeed: bool = True                  # False = backend ddp (the PyTorch engine; one process is plain PyTorch)
+    zero_stage: int = 2                     # 0-3 (backend deepspeed only)
     precision: str = "bf16"                 # bf16 | fp32 | fp16
     offload_optimizer: bool = False
     offload_params: bool = False
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    compile: bool = False                   # torch.compile the task module
+    compile: bool = False                   # torch.compile the task module (pretrain/compile.py)
+    compile_backend: str = "inductor"       # torch.compile backend (inductor; aot_eager traces without codegen)
+    compile_dynamic: Optional[bool] = None  # None: dims that change get dynamic after one recompile; True/False: force
     global_batch_size: Optional[int] = None  # if set, grad_accum = global / (micro batch x world size), exactly
 
+    @property
+    def uses_deepspeed(self) -> bool:
+        """True for the DeepSpeed engine; False for the PyTorch one (DDP over several processes)."""
+        return self.deepspeed and self.backend == "deepspeed"
+
     def validate(self) -> None:
+        if self.backend not in ENGINE_BACKENDS:
+            raise ConfigError(f"engine.backend: expected one of {', '.join(ENGINE_BACKENDS)}, got {self.backend!r}")
+        if not self.compile_backend:
+            raise ConfigError("engine.compile_backend: must name a torch.compile backend (e.g. inductor)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
@@ -113,7 +128,9 @@ class EngineConfig:
             raise ConfigError(f"engine.grad_accum: must be >= 1, got {self.grad_accum}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"engine.global_batch_size: must be >= 1, got {self.global_batch_size}")
-        if (self.offload_optimizer or self.offload_params) and self.deepspeed and self.zero_stage == 0:
+        if (self.offload_optimizer or self.offload_params) and not self.uses_deepspeed:
+            raise ConfigError("engine.offload_*: offloading needs engine.backend=deepspeed")
+        if (self.offload_optimizer or self.offload_params) and self.zero_stage == 0:
             raise ConfigError("engine.offload_*: offloading needs engine.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params: parameter offload needs engine.zero_stage=3")
