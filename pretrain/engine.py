@@ -263,6 +263,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                               "samples_seen": samples_seen, "nonfinite_skipped": nan_total}
                     if flops_per_sample and peak:
                         record["mfu"] = flops_per_sample * sps / peak
+                    if device.type == "cuda":
+                        record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                     if compiled is not None:
                         record.update(compiled.record())
                         warn_if_limit_hit(record["compile/recompiles"], tracker.message)
