@@ -376,11 +376,15 @@ class PretrainDataConfig:
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
     normalize_in_loader: bool = False       # false: workers send uint8 images (4x fewer bytes); the step normalises
+    decode_on: str = "cpu"                  # cpu: workers decode + augment | gpu: workers ship JPEG bytes + view
+                                            # parameters, the main process decodes a batch at a time on its device
 
     def validate(self) -> None:
         check_min("data", self, {"batch_size": 1, "num_workers": 0, "batches_per_epoch": 1, "image_size": 1,
                                  "max_words": 1, "texts_per_image": 1, "region_texts": 0, "region_images": 0,
                                  "max_masks": 0, "shuffle_buffer": 1, "max_tokens": 3})
+        if self.decode_on not in ("cpu", "gpu"):
+            raise ConfigError(f"data.decode_on: expected cpu or gpu, got {self.decode_on!r}")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ConfigError(f"data.mask_prob: must be in [0, 1], got {self.mask_prob}")
         if self.region_texts > 0 and self.region_images < 1:
