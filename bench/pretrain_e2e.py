@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -172,7 +173,7 @@ def child_env(a: argparse.Namespace) -> dict:
 
 def run_engine(a: argparse.Namespace, v: dict, shards: Path, tok: Path, work: Path) -> dict:
     """One `python -m pretrain` child process; its figures over the timed steps."""
-    out = work / "runs" / v["name"]
+    out = work / "runs" / f"{os.getpid()}-{v['name']}"          # fresh per invocation (resume=null refuses reuse)
     total = a.warmup + a.steps
     cmd = [sys.executable, "-m", "pretrain", "--config", str(BASE_CONFIG),
            *overrides(a, shards, tok, out, v, total)]
@@ -193,6 +194,7 @@ def run_engine(a: argparse.Namespace, v: dict, shards: Path, tok: Path, work: Pa
     if rows and rows[0].get("mfu") is not None:          # mfu / sps = flops per sample / peak, the same each step
         mfu = rows[0]["mfu"] / rows[0]["samples_per_s_gpu"] * sps
     compile_stats = {k: rows[-1][k] for k in rows[-1] if k.startswith("compile/")} if rows else {}
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)     # the final save: gigabytes for the base model
     res = {"variant": v["name"], "backend": v["backend"], "zero_stage": v["zero"], "steps": len(rows),
            "samples_per_s": sps, "compute_samples_per_s": samples / max(step_s - data_s, 1e-9),
            "data_time_share": data_s / step_s, "step_s": step_s / len(rows), "mfu": mfu,
@@ -219,6 +221,7 @@ def bare_loop(a: argparse.Namespace, shards: Path, tok: Path, work: Path, engine
         torch.set_num_threads(a.threads)
     total = a.warmup + a.steps
     cfg = load_config(PretrainConfig, BASE_CONFIG, overrides(a, shards, tok, work / "runs" / "bare", None, total))
+    cfg.data.num_workers = 0                    # a few batches, read in this process
     if hasattr(cfg.data, "decode_on"):
         cfg.data.decode_on = "cpu"              # the bare loop's batches are decoded already
     tokenizer = build_tokenizer(tok)
