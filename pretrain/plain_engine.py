@@ -91,10 +91,10 @@ class PlainEngine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> bool:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)    # every rank: its RNG file goes here next
         if self.ddp is not None and torch.distributed.get_rank() != 0:
             return True                 # replicas: rank 0's copy is everyone's
-        d = Path(save_dir) / tag
-        d.mkdir(parents=True, exist_ok=True)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
                  "micro_steps": self.micro_steps, **client_state}

@@ -20,6 +20,9 @@ How one epoch is read (per rank, per DataLoader worker, all inside the worker pr
 4. Batches: `batch_size` image-text items, and `region_texts` region texts drawn from at most
    `region_images` region crops (up to `texts_per_image` per image); texts are repeated to fill the fixed
    count (`region_repeats`), images repeated to fill `region_images`.
+With `decode_on="gpu"` the workers stop before the pixels: they draw the same view parameters and ship the
+JPEG bytes with them, and the loader's main-process side decodes and augments each batch on the training
+device (`shards.device_decode`).
 Shard lists, splits, raw reading and mixing live in `shards.sources`; this module plans, decodes and batches.
 Bad samples (unreadable or truncated tar, bad JSON, undecodable image, no usable caption/box) are skipped
 and counted by reason, never raised; a summary is logged at the end of each worker's epoch and the loader's
