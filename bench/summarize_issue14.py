@@ -51,12 +51,13 @@ def main(path: str) -> dict:
         "engine_vs_bare_eager": {r["variant"]: r["engine_vs_bare"] for r in rows if r["run"] == "eager" and "variant" in r},
         "engine_vs_bare_compiled": {r["variant"]: r["engine_vs_bare"] for r in rows
                                     if r["run"] == "compiled" and "variant" in r},
-        "compiled_vs_eager": {v: (pick(rows, "compiled", v, "samples_per_s") or 0) /
-                              pick(rows, "eager", v, "samples_per_s")
-                              for v in ("deepspeed-zero0", "ddp") if pick(rows, "eager", v, "samples_per_s")},
+        "compiled_vs_eager": {v: pick(rows, "compiled", v, "samples_per_s") / pick(rows, "eager", v, "samples_per_s")
+                              for v in ("deepspeed-zero0", "ddp")
+                              if pick(rows, "eager", v, "samples_per_s") and pick(rows, "compiled", v, "samples_per_s")},
         "data_time_share_cpu_decode": pick(rows, "eager", "ddp", "data_time_share"),
         "data_time_share_gpu_decode": pick(rows, "decode_gpu", "ddp", "data_time_share"),
         "mfu_eager": {v: pick(rows, "eager", v, "mfu") for v in ("deepspeed-zero0", "deepspeed-zero2", "ddp")},
+        "bare_mfu_note": "bare loops report samples/s only; their MFU = engine mfu x bare/engine samples/s",
         "mfu_compiled": {v: pick(rows, "compiled", v, "mfu") for v in ("deepspeed-zero0", "ddp")},
         "best_samples_per_s_gpu": max((r["samples_per_s"] for r in rows if r.get("samples_per_s")), default=None),
     }
