@@ -92,19 +92,34 @@ class OptimConfig:
             raise ConfigError(f"optim.step_milestones: expected positive step numbers, got {self.step_milestones!r}")
 
 
+ENGINE_BACKENDS = ("deepspeed", "ddp")
+
+
 @dataclass
 class EngineConfig:
-    deepspeed: bool = True                  # False: plain single-process PyTorch loop
-    zero_stage: int = 2                     # 0-3
+    backend: str = "deepspeed"              # deepspeed (ZeRO 0-3, offload) | ddp (torch DistributedDataParallel)
+    deepspeed: bool = True                  # False = backend ddp (the PyTorch engine; one process is plain PyTorch)
+    zero_stage: int = 2                     # 0-3 (backend deepspeed only)
     precision: str = "bf16"                 # bf16 | fp32 | fp16
     offload_optimizer: bool = False
     offload_params: bool = False
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    compile: bool = False                   # torch.compile the task module
+    compile: bool = False                   # torch.compile the task module (pretrain/compile.py)
+    compile_backend: str = "inductor"       # torch.compile backend (inductor; aot_eager traces without codegen)
+    compile_dynamic: Optional[bool] = None  # None: dims that change get dynamic after one recompile; True/False: force
     global_batch_size: Optional[int] = None  # if set, grad_accum = global / (micro batch x world size), exactly
 
+    @property
+    def uses_deepspeed(self) -> bool:
+        """True for the DeepSpeed engine; False for the PyTorch one (DDP over several processes)."""
+        return self.deepspeed and self.backend == "deepspeed"
+
     def validate(self) -> None:
+        if self.backend not in ENGINE_BACKENDS:
+            raise ConfigError(f"engine.backend: expected one of {', '.join(ENGINE_BACKENDS)}, got {self.backend!r}")
+        if not self.compile_backend:
+            raise ConfigError("engine.compile_backend: must name a torch.compile backend (e.g. inductor)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
@@ -113,7 +128,9 @@ class EngineConfig:
             raise ConfigError(f"engine.grad_accum: must be >= 1, got {self.grad_accum}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"engine.global_batch_size: must be >= 1, got {self.global_batch_size}")
-        if (self.offload_optimizer or self.offload_params) and self.deepspeed and self.zero_stage == 0:
+        if (self.offload_optimizer or self.offload_params) and not self.uses_deepspeed:
+            raise ConfigError("engine.offload_*: offloading needs engine.backend=deepspeed")
+        if (self.offload_optimizer or self.offload_params) and self.zero_stage == 0:
             raise ConfigError("engine.offload_*: offloading needs engine.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params: parameter offload needs engine.zero_stage=3")
@@ -359,11 +376,15 @@ class PretrainDataConfig:
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # CLIP; ImageNet: 0.485 0.456 0.406
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])   # CLIP; ImageNet: 0.229 0.224 0.225
     normalize_in_loader: bool = False       # false: workers send uint8 images (4x fewer bytes); the step normalises
+    decode_on: str = "cpu"                  # cpu: workers decode + augment | gpu: workers ship JPEG bytes + view
+                                            # parameters, the main process decodes a batch at a time on its device
 
     def validate(self) -> None:
         check_min("data", self, {"batch_size": 1, "num_workers": 0, "batches_per_epoch": 1, "image_size": 1,
                                  "max_words": 1, "texts_per_image": 1, "region_texts": 0, "region_images": 0,
                                  "max_masks": 0, "shuffle_buffer": 1, "max_tokens": 3})
+        if self.decode_on not in ("cpu", "gpu"):
+            raise ConfigError(f"data.decode_on: expected cpu or gpu, got {self.decode_on!r}")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ConfigError(f"data.mask_prob: must be in [0, 1], got {self.mask_prob}")
         if self.region_texts > 0 and self.region_images < 1:

@@ -4,7 +4,8 @@
 
 `task(batch)` returns a dict with a scalar "loss" and other scalar terms to log; a task method
 `on_optimizer_step()`, if present, runs after every optimizer step (an EMA model's update). The loop runs DeepSpeed
-(ZeRO 0-3, bf16/fp32, offload) or, with `engine.deepspeed: false`, the same loop on a plain PyTorch engine.
+(ZeRO 0-3, bf16/fp32, offload) or, with `engine.backend: ddp`, the same loop on the PyTorch engine (plain in one
+process, DistributedDataParallel over several); `engine.compile` compiles the task inside either (pretrain.compile).
 It counts optimizer steps up to `optim.total_steps`; the epoch advances after `batches_per_epoch` batches
 per rank, and `make_loader(epoch, start_batch)` lets a resumed run continue the same data order. A
 non-finite loss skips that batch on every rank (no backward, no optimizer step) and stops the run after
@@ -118,15 +119,26 @@ class _Data:
 def _build_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPlan):
     if cfg.engine.activation_checkpointing and hasattr(task, "set_grad_checkpointing"):
         task.set_grad_checkpointing(True)
-    if not cfg.engine.deepspeed:
-        if plan.world > 1:
-            raise SystemExit("error: engine.deepspeed=false runs one process; launch without torchrun/srun tasks")
-        from pretrain.plain_engine import PlainEngine
+    engine = _build_torch_engine(cfg, task, device, plan) if not cfg.engine.uses_deepspeed else \
+        _build_deepspeed_engine(cfg, task, device, plan)
+    if cfg.engine.compile:
+        from pretrain.compile import compile_engine
 
-        task.to(device)
-        opt = build_optimizer(task, cfg.optim, device)
-        return PlainEngine(task, opt, build_scheduler(opt, cfg.optim), grad_accum=plan.accum,
-                           grad_clip=cfg.optim.grad_clip, precision=cfg.engine.precision, device=device)
+        compile_engine(engine, cfg.engine)
+    return engine
+
+
+def _build_torch_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPlan):
+    from pretrain.plain_engine import PlainEngine
+
+    task.to(device)
+    opt = build_optimizer(task, cfg.optim, device)
+    return PlainEngine(task, opt, build_scheduler(opt, cfg.optim), grad_accum=plan.accum,
+                       grad_clip=cfg.optim.grad_clip, precision=cfg.engine.precision, device=device,
+                       ddp=plan.world > 1)
+
+
+def _build_deepspeed_engine(cfg: Any, task: nn.Module, device: torch.device, plan: BatchPlan):
     du.prepare_deepspeed_env()
     import logging
 
@@ -160,8 +172,14 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
     plan = plan_batch(micro_batch_size(cfg), info.world_size, cfg.engine)
     engine = _build_engine(cfg, task, device, plan)
     engine.train()
-    cast = torch.bfloat16 if cfg.engine.deepspeed and cfg.engine.precision == "bf16" else (
-        torch.float16 if cfg.engine.deepspeed and cfg.engine.precision == "fp16" else None)
+    ds = cfg.engine.uses_deepspeed          # DeepSpeed's bf16/fp16 modes do not autocast: cast the batch
+    cast = torch.bfloat16 if ds and cfg.engine.precision == "bf16" else (
+        torch.float16 if ds and cfg.engine.precision == "fp16" else None)
+    compiled = None
+    if cfg.engine.compile:
+        from pretrain.compile import CompileStats, warn_if_limit_hit
+
+        compiled = CompileStats()
     count = samples_per_batch or default_samples
 
     step, samples_seen, epoch, batch_in_epoch = 0, 0, 0, 0
@@ -221,6 +239,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                     hook()
                 step += 1
                 dt = time.perf_counter() - t_step
+                if compiled is not None:
+                    compiled.mark_warm()
                 # one all-reduce per step: preemption flag, samples and the logged terms
                 keys = sorted(sums)
                 vec = torch.tensor([1.0 if preempt.requested else 0.0, float(local_samples)]
@@ -243,6 +263,11 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
                               "samples_seen": samples_seen, "nonfinite_skipped": nan_total}
                     if flops_per_sample and peak:
                         record["mfu"] = flops_per_sample * sps / peak
+                    if device.type == "cuda":
+                        record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                    if compiled is not None:
+                        record.update(compiled.record())
+                        warn_if_limit_hit(record["compile/recompiles"], tracker.message)
                     record.update({f"skipped/{k}": v for k, v in data.skips().items()})
                     tracker.log(step, record)
                     win = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
@@ -282,7 +307,8 @@ def train(cfg: Any, task: nn.Module, make_loader: Callable[[int, int], Iterable[
             "nonfinite_skipped": nan_total, "history": str(out_dir / "metrics.jsonl"),
             "checkpoint": str(last_saved) if last_saved else None, "export": str(export) if export else None,
             "eval": last_eval, "global_batch": plan.global_batch, "grad_accum": plan.accum,
-            "world_size": plan.world}
+            "world_size": plan.world, "backend": "deepspeed" if ds else ("ddp" if plan.world > 1 else "plain"),
+            "compile": compiled.record() if compiled is not None else None}
 
 
 def _flops_per_sample(task: nn.Module) -> float | None:

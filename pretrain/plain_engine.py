@@ -1,10 +1,13 @@
-"""A single-process PyTorch stand-in for the DeepSpeed engine (`engine.deepspeed: false`).
+"""The PyTorch engine (`engine.backend: ddp`, or `engine.deepspeed: false`): plain PyTorch in one process,
+torch DistributedDataParallel over several (gloo on CPUs, NCCL on GPUs).
 
 It exposes the few DeepSpeedEngine methods the loop uses (forward, backward, step, save/load_checkpoint,
-gradient accumulation boundaries) so that one loop serves both; checkpoints use DeepSpeed's file name and
-top-level layout (`<tag>/mp_rank_00_model_states.pt` with "module", "optimizer", "lr_scheduler" and the client
-state merged in), so `load_consolidated` reads both. Used to measure DeepSpeed's overhead and by users without
-DeepSpeed.
+compile, gradient accumulation boundaries) so that one loop serves both; checkpoints use DeepSpeed's file name
+and top-level layout (`<tag>/mp_rank_00_model_states.pt` with "module", "optimizer", "lr_scheduler" and the
+client state merged in), so `load_consolidated` and the export read both. Under DDP every rank holds the same
+weights and optimizer state: rank 0 writes the file, every rank reads it back (the per-rank RNG files are
+pretrain.checkpoint's). Gradients are averaged over ranks as DeepSpeed averages them, and accumulation skips
+the all-reduce on all but the last micro-step (what `DistributedDataParallel.no_sync` does).
 """
 from __future__ import annotations
 
@@ -22,8 +25,15 @@ from pretrain.safe_load import CheckpointError, load_pt
 class PlainEngine:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler, *, grad_accum: int, grad_clip: float,
-                 precision: str, device: torch.device):
+                 precision: str, device: torch.device, ddp: bool = False, bucket_cap_mb: float = 25.0):
         self.module = module
+        self.ddp = None
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                               bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
+        self._forward = self.ddp if self.ddp is not None else module
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.grad_accum = grad_accum
@@ -41,8 +51,14 @@ class PlainEngine:
         return contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):
+        if self.ddp is not None:        # all-reduce only on the last micro-step of an accumulation (no_sync)
+            self.ddp.require_backward_grad_sync = self.is_gradient_accumulation_boundary()
         with self._autocast():
-            return self.module(*args, **kwargs)
+            return self._forward(*args, **kwargs)
+
+    def compile(self, backend: str = "inductor", compile_kwargs: dict | None = None) -> None:
+        """torch.compile the forward module in place (the DDP wrapper under DDP), like DeepSpeedEngine.compile."""
+        self._forward.compile(backend=backend, **(compile_kwargs or {}))
 
     def train(self, mode: bool = True) -> "PlainEngine":
         self.module.train(mode)
@@ -76,7 +92,9 @@ class PlainEngine:
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> bool:
         d = Path(save_dir) / tag
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)    # every rank: its RNG file goes here next
+        if self.ddp is not None and torch.distributed.get_rank() != 0:
+            return True                 # replicas: rank 0's copy is everyone's
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
                  "micro_steps": self.micro_steps, **client_state}

@@ -204,6 +204,24 @@ def _decode_for_crop(data: bytes, width: int, height: int, crop: tuple[float, fl
     return img, img.shape[-1] / width, img.shape[-2] / height
 
 
+@dataclass
+class ViewParams:
+    """Everything random about one image's view, drawn before decoding: the crop (x, y, w, h) in stored
+    pixels, the flip and the RandomAugment ops. The CPU path applies them right away; with data.decode_on=gpu
+    the workers ship them with the JPEG bytes and shards.device_decode applies them on the device."""
+    crop: tuple[int, int, int, int]
+    flip: bool
+    ops: list = field(default_factory=list)
+
+
+def image_text_params(width: int, height: int, rng: np.random.Generator, *, scale: tuple[float, float] = (0.2, 1.0),
+                      hflip_prob: float = 0.5, augment: bool = True) -> ViewParams:
+    """The draws of `image_text_view`, in its order (crop, flip, ops): the same rng gives the same view."""
+    crop = resized_crop_params(width, height, rng, scale)
+    flip = bool(rng.random() < hflip_prob)
+    return ViewParams(crop, flip, _draw_ops(rng, 2, True) if augment else [])
+
+
 def image_text_view(data: bytes, width: int, height: int, rng: np.random.Generator, *, size: int = 224,
                     decoder: str = "pil", reduce: bool = True, scale: tuple[float, float] = (0.2, 1.0),
                     hflip_prob: float = 0.5, augment: bool = True) -> tuple[torch.Tensor, bool]:
@@ -261,7 +279,19 @@ def region_view(data: bytes, width: int, height: int, plan: RegionPlan, rng: np.
     """Apply a `RegionPlan`: (uint8 [3,S,S], boxes float32 [n,4] as normalised (cx, cy, w, h))."""
     x0, y0, x1, y1 = plan.crop
     img, sx, sy = _decode_for_crop(data, width, height, (x0, y0, x1 - x0, y1 - y0), size, decoder, reduce)
-    dh, dw = img.shape[-2:]
+    (top, left, ch, cw), boxes = region_geometry(plan, width, height, img.shape[-2], img.shape[-1], size)
+    img = resize_crop(img, top, left, ch, cw, size)             # the same crop, on the pixels
+    img = _flip_and_augment(img, plan.flip, _draw_ops(rng, 2, False) if augment else [])
+    return img, boxes
+
+
+def region_geometry(plan: RegionPlan, width: int, height: int, dh: int, dw: int, size: int
+                    ) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+    """A region plan on an image decoded at dh x dw (the stored size, or a DCT-downscaled one): the crop
+    (top, left, height, width) in decoded pixels and the kept boxes as normalised (cx, cy, w, h) of the final
+    `size` x `size` view (flip applied), through torchvision's v2 box kernels."""
+    x0, y0, x1, y1 = plan.crop
+    sx, sy = dw / width, dh / height
     boxes = tv_tensors.BoundingBoxes(torch.tensor(plan.boxes, dtype=torch.float32).reshape(-1, 4),
                                      format="XYWH", canvas_size=(height, width))
     if (dh, dw) != (height, width):                              # a DCT-downscaled decode
@@ -269,12 +299,16 @@ def region_view(data: bytes, width: int, height: int, plan: RegionPlan, rng: np.
     top, left = int(round(y0 * sy)), int(round(x0 * sx))
     ch, cw = max(1, int(round((y1 - y0) * sy))), max(1, int(round((x1 - x0) * sx)))
     boxes = F.resized_crop(boxes, top=top, left=left, height=ch, width=cw, size=[size, size])   # v2 box kernels
-    img = resize_crop(img, top, left, ch, cw, size)             # the same crop, on the pixels
     if plan.flip:
         boxes = F.horizontal_flip(boxes)
     boxes = F.convert_bounding_box_format(boxes, new_format="CXCYWH").as_subclass(torch.Tensor) / size
-    img = _flip_and_augment(img, plan.flip, _draw_ops(rng, 2, False) if augment else [])
-    return img, boxes.clamp_(0.0, 1.0)
+    return (top, left, ch, cw), boxes.clamp_(0.0, 1.0)
+
+
+def region_params(plan: RegionPlan, rng: np.random.Generator, *, augment: bool = True) -> ViewParams:
+    """The draws of `region_view` (its photometric ops) as a ViewParams with the plan's crop (x, y, w, h)."""
+    x0, y0, x1, y1 = plan.crop
+    return ViewParams((x0, y0, x1 - x0, y1 - y0), plan.flip, _draw_ops(rng, 2, False) if augment else [])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ How one epoch is read (per rank, per DataLoader worker, all inside the worker pr
 4. Batches: `batch_size` image-text items, and `region_texts` region texts drawn from at most
    `region_images` region crops (up to `texts_per_image` per image); texts are repeated to fill the fixed
    count (`region_repeats`), images repeated to fill `region_images`.
+With `decode_on="gpu"` the workers stop before the pixels: they draw the same view parameters and ship the
+JPEG bytes with them, and the loader's main-process side decodes and augments each batch on the training
+device (`shards.device_decode`).
 Shard lists, splits, raw reading and mixing live in `shards.sources`; this module plans, decodes and batches.
 Bad samples (unreadable or truncated tar, bad JSON, undecodable image, no usable caption/box) are skipped
 and counted by reason, never raised; a summary is logged at the end of each worker's epoch and the loader's
@@ -43,9 +46,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, image_text_view, normalize_batch, plan_region_crop,
-                            region_view, stack_uint8)
+from shards.augment import (CLIP_MEAN, CLIP_STD, RegionPlan, ViewParams, image_text_params, image_text_view,
+                            normalize_batch, plan_region_crop, region_geometry, region_params, region_view,
+                            stack_uint8)
 from shards.decode import DECODERS, DecodeError
+from shards.device_decode import finish_batch, jpeg_tensor, view_row
+from shards.imagecheck import HeaderProblem, open_checked
 from shards.determinism import loader_generator
 from shards.sources import (DataError, Raw, SkipCounter, Source, endless_source, get_field, mix_sources,
                             parse_sources, resolve_shards)
@@ -97,6 +103,7 @@ class StreamSettings:
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     normalize_in_loader: bool = True          # False: uint8 images, the training step normalises (on its GPU)
+    decode_on: str = "cpu"                    # gpu: ship JPEG bytes + view parameters (shards.device_decode)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamSettings":
@@ -108,6 +115,8 @@ class StreamSettings:
                 or not 0.0 < cs[0] <= cs[1] <= 1.0):
             raise DataError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {cs!r:.60}")
         s.mean, s.std, s.crop_scale = tuple(s.mean), tuple(s.std), tuple(cs)
+        if s.decode_on not in ("cpu", "gpu"):
+            raise DataError(f"data.decode_on: expected cpu or gpu, got {s.decode_on!r}")
         if s.decoder not in DECODERS:
             raise DataError(f"data.decoder: expected one of {', '.join(DECODERS)}, got {s.decoder!r}")
         if s.decoder == "simplejpeg":
@@ -220,9 +229,7 @@ class PretrainStream(IterableDataset):
         imgs, captions, ok = [], [], []
         for it in plan.images:
             try:
-                img, flipped = image_text_view(it.raw.jpg, int(it.raw.meta["width"]), int(it.raw.meta["height"]), rng,
-                                               size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce,
-                                               scale=s.crop_scale)
+                img, flipped = self._image_view(it.raw, rng)
                 imgs.append(img)
                 captions.append(swap_left_right(it.caption) if flipped else it.caption)
                 ok.append(True)
@@ -233,26 +240,48 @@ class PretrainStream(IterableDataset):
                 ok.append(False)
         imgs, captions = _fill_failed(imgs, captions, ok)
         text = encode_and_mask(self.tok, self.masker, captions, s.text_len, rng)
-        batch = {"image": self._images(imgs),
+        batch = {**self._pack("image", imgs),
                  "text_ids": text["ids"], "text_mask": text["mask"],
                  "mlm_ids": text["mlm_ids"], "mlm_labels": text["mlm_labels"]}
         if s.region_texts > 0:
             batch.update(self._region_batch(plan.regions, rng))
         return batch
 
-    def _images(self, imgs: list[torch.Tensor]) -> torch.Tensor:
+    def _image_view(self, raw: Raw, rng: np.random.Generator) -> tuple[Any, bool]:
+        """(uint8 view, flipped); with decode_on=gpu the view is (JPEG bytes, view row, ops), undecoded."""
+        s, w, h = self.s, int(raw.meta["width"]), int(raw.meta["height"])
+        if s.decode_on == "gpu":
+            params = image_text_params(w, h, rng, scale=s.crop_scale)
+            return _deferred(raw.jpg, params, w, h), params.flip
+        return image_text_view(raw.jpg, w, h, rng, size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce,
+                               scale=s.crop_scale)
+
+    def _region_view(self, raw: Raw, plan: RegionPlan, rng: np.random.Generator) -> tuple[Any, torch.Tensor]:
+        """(uint8 crop, boxes); with decode_on=gpu the crop is (JPEG bytes, view row, ops) and the boxes are
+        those of a full-size decode."""
+        s, w, h = self.s, int(raw.meta["width"]), int(raw.meta["height"])
+        if s.decode_on == "gpu":
+            params = region_params(plan, rng)
+            return _deferred(raw.jpg, params, w, h), region_geometry(plan, w, h, h, w, s.image_size)[1]
+        return region_view(raw.jpg, w, h, plan, rng, size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce)
+
+    def _pack(self, part: str, imgs: list) -> dict:
+        """The batch entries of one image part: `part` -> [B,3,S,S], or with decode_on=gpu the `_jpeg`,
+        `_view` and `_ops` entries shards.device_decode.finish_batch turns into it."""
         s, shared = self.s, get_worker_info() is not None
+        if s.decode_on == "gpu":
+            return {f"{part}_jpeg": [i[0] for i in imgs], f"{part}_view": torch.tensor([i[1] for i in imgs]),
+                    f"{part}_ops": [i[2] for i in imgs]}
         if s.normalize_in_loader:
-            return normalize_batch(imgs, s.mean, s.std, shared=shared)
-        return stack_uint8(imgs, shared=shared)
+            return {part: normalize_batch(imgs, s.mean, s.std, shared=shared)}
+        return {part: stack_uint8(imgs, shared=shared)}
 
     def _region_batch(self, items: list[RegionItem], rng: np.random.Generator) -> dict:
         s = self.s
         crops, texts, boxes, owner, ok = [], [], [], [], []
         for j, it in enumerate(items):
             try:
-                img, bx = region_view(it.raw.jpg, int(it.raw.meta["width"]), int(it.raw.meta["height"]), it.plan, rng,
-                                      size=s.image_size, decoder=s.decoder, reduce=s.decode_reduce)
+                img, bx = self._region_view(it.raw, it.plan, rng)
                 crops.append(img)
                 ok.append(True)
                 texts += it.plan.texts
@@ -275,7 +304,7 @@ class PretrainStream(IterableDataset):
         M = s.region_images
         crops = [crops[j % len(crops)] for j in range(M)]  # repeat images to reach M
         text = encode_and_mask(self.tok, self.masker, texts, s.text_len, rng)
-        return {"region_image": self._images(crops),
+        return {**self._pack("region_image", crops),
                 "region_image_idx": owner_t, "region_bbox": boxes_t.float(),
                 "region_text_ids": text["ids"], "region_text_mask": text["mask"],
                 "region_mlm_ids": text["mlm_ids"], "region_mlm_labels": text["mlm_labels"],
@@ -311,6 +340,16 @@ class _AllFailed(Exception):
     pass
 
 
+def _deferred(data: bytes, params: ViewParams, width: int, height: int) -> tuple:
+    """An image for the device decode: (bytes tensor, view row, ops) after the header checks the CPU decoder
+    makes first (a bad header is a DecodeError here, as there)."""
+    try:
+        open_checked(data)
+    except HeaderProblem as e:
+        raise DecodeError(str(e)) from None
+    return jpeg_tensor(data), view_row(params, width, height), params.ops
+
+
 def _finite_box(b: Any) -> bool:
     return (isinstance(b, (list, tuple)) and len(b) == 4
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in b))
@@ -343,8 +382,10 @@ class PretrainLoader:
     `record_keys`) lists the sample keys of every batch, for tests and debugging."""
 
     def __init__(self, stream: PretrainStream, *, num_workers: int, record_keys: bool = False,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, device: torch.device | None = None) -> None:
         self.stream, self.record_keys = stream, record_keys
+        self.device = device                    # where decode_on=gpu decodes (default: the current CUDA device)
+        self._device_bad = 0
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None,
                                  generator=loader_generator(stream.seed, stream.epoch, stream.rank))
@@ -352,6 +393,12 @@ class PretrainLoader:
         self.keys: list[list[str]] = []
         self.wait_s = 0.0
         self._per_worker: dict[int, dict] = {}
+
+    def _decode_device(self) -> torch.device:
+        if self.device is None:
+            self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                           else torch.device("cpu"))
+        return self.device
 
     def __len__(self) -> int:
         s = self.stream.s
@@ -365,10 +412,15 @@ class PretrainLoader:
                 batch = next(it)
             except StopIteration:
                 break
-            self.wait_s += time.perf_counter() - t
             meta = batch.pop("_meta")
+            if self.stream.s.decode_on == "gpu":
+                batch, bad = finish_batch(batch, self._decode_device(), self.stream.s)
+                self._device_bad += bad
+            self.wait_s += time.perf_counter() - t
             self._per_worker[int(meta["worker"])] = meta["skips"]
             self.skips = sum((Counter(c) for c in self._per_worker.values()), Counter())
+            if self._device_bad:
+                self.skips["bad_image"] += self._device_bad
             if self.record_keys:
                 self.keys.append(list(meta["keys"]))
             yield batch
@@ -377,14 +429,16 @@ class PretrainLoader:
 
 
 def build_pretrain_loader(data_cfg: Any, tokenizer: Any, *, rank: int, world_size: int, epoch: int, seed: int,
-                          start_batch: int = 0, record_keys: bool = False) -> PretrainLoader:
+                          start_batch: int = 0, record_keys: bool = False,
+                          device: torch.device | None = None) -> PretrainLoader:
     """One rank's loader for one epoch: exactly `data_cfg.batches_per_epoch - start_batch` batches,
     deterministic for (seed, epoch, rank, world_size, data_cfg.num_workers).
 
     `data_cfg` is a `PretrainDataConfig` or any object/mapping with its field names: sources (list of
     {name, shards, weight[, parts]}), batch_size, region_texts, region_images, texts_per_image, image_size,
     max_words, max_tokens, max_masks, mask_prob, num_workers, shuffle_buffer, batches_per_epoch, decoder,
-    decode_reduce, mean, std. Raises `DataError` (one line) for a bad path or setting."""
+    decode_reduce, mean, std, normalize_in_loader, decode_on (gpu: decoded on `device`, default the current CUDA
+    device, else the CPU). Raises `DataError` (one line) for a bad path or setting."""
     settings = StreamSettings.from_config(data_cfg)
     sources = parse_sources(get_field(data_cfg, "sources"))
     if not 0 <= start_batch <= settings.batches_per_epoch:
@@ -392,4 +446,4 @@ def build_pretrain_loader(data_cfg: Any, tokenizer: Any, *, rank: int, world_siz
     stream = PretrainStream(sources, tokenizer, settings, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
                             start_batch=start_batch, num_workers=settings.num_workers)
     return PretrainLoader(stream, num_workers=settings.num_workers, record_keys=record_keys,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), device=device)

@@ -76,7 +76,7 @@ def export_max_diff(task: nn.Module, cfg, export_dir: str) -> float:
 
     exported = load_consolidated(export_dir)
     params = list(task.parameters())
-    if cfg.engine.deepspeed and cfg.engine.zero_stage == 3:
+    if cfg.engine.uses_deepspeed and cfg.engine.zero_stage == 3:
         import deepspeed
 
         ctx = deepspeed.zero.GatheredParameters(params)
