@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.finetune_step import PRESETS, make_batch, sync  # noqa: E402
+from bench.finetune_step import PRESETS, make_batch, sync, train_step  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.task import build_task  # noqa: E402
 from pretrain.config import apply_overrides, from_dict  # noqa: E402
@@ -46,15 +46,6 @@ def build(preset: str, overrides: list[str], device: torch.device):
     cfg = from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))
     task = build_task(cfg).to(device)
     return task, torch.optim.AdamW(task.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
-
-
-def train_step(task, opt, batch, autocast) -> None:
-    with autocast():
-        loss = task(batch)["loss"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    task.on_optimizer_step()
 
 
 def main(argv: list[str] | None = None) -> dict:

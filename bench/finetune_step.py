@@ -75,6 +75,9 @@ def train_step(task, opt, batch, autocast) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    hook = getattr(task, "on_optimizer_step", None)     # e.g. the momentum copy of loss.mrc
+    if hook is not None:
+        hook()
 
 
 def main(argv: list[str] | None = None) -> dict:
