@@ -139,6 +139,8 @@ def main(argv: list[str]) -> int:
         summary["export_max_diff"] = export_max_diff(task, cfg, summary["export"])
     if rank == 0:
         Path(cfg.run.out_dir, "summary.json").write_text(json.dumps(summary))
+    from pretrain.distributed import cleanup
+    cleanup(synchronize=True)           # as python -m pretrain does: no rank exits with gloo's threads running
     return 0
 
 

@@ -39,7 +39,8 @@ def test_every_imported_distribution_is_a_declared_dependency():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     declared = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
     dists = packages_distributions()
-    ours = {"shards", "pretrain", "finetune", "bench", "__future__"}     # bench scripts import each other
+    ours = {"shards", "pretrain", "finetune", "bench", "__future__"}
+    ours |= {p.stem for p in (ROOT / "bench").glob("*.py")}             # bench scripts import each other
     missing = {}
     for mod, where in imported_modules().items():
         if mod in sys.stdlib_module_names or mod in ours:
