@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.finetune_step import PRESETS, make_batch, sync, train_step  # noqa: E402
+from bench.finetune_step import PRESETS, interleaved_samples_per_s, make_batch  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.task import build_task  # noqa: E402
 from pretrain.config import apply_overrides, from_dict  # noqa: E402
@@ -73,18 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = make_batch(batch_size, size, args.text_len, PRESETS[preset]["text"]["vocab_size"], device)
     names = ["default"] + [n for n in (args.only or SETTINGS) if n != "default"]
     runs = {n: build(preset, SETTINGS[n], device) for n in names}
-    for task, opt in runs.values():
-        for _ in range(args.warmup):
-            train_step(task, opt, batch, autocast)
-    times = {n: 0.0 for n in runs}
-    for _ in range(steps):                          # interleaved: drift hits every setting alike
-        for n, (task, opt) in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            train_step(task, opt, batch, autocast)
-            sync(device)
-            times[n] += time.perf_counter() - t0
-    sps = {n: steps * batch_size / t for n, t in times.items()}
+    sps = interleaved_samples_per_s(runs, batch, autocast, device, args.warmup, steps, batch_size)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{'setting':16s} {'samples/s':>10s} {'vs default':>10s}   overrides")
     for n in runs:

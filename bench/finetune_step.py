@@ -80,6 +80,24 @@ def train_step(task, opt, batch, autocast) -> None:
         hook()
 
 
+def interleaved_samples_per_s(runs: dict, batch: dict, autocast, device: torch.device, warmup: int, steps: int,
+                              batch_size: int) -> dict[str, float]:
+    """{name: (task, optimizer)} -> {name: samples/s}: warm-up steps, then `steps` rounds that step every setting
+    once in turn (interleaved, so drift in the machine's speed hits every setting alike)."""
+    for task, opt in runs.values():
+        for _ in range(warmup):
+            train_step(task, opt, batch, autocast)
+    times = {k: 0.0 for k in runs}
+    for _ in range(steps):
+        for name, (task, opt) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            train_step(task, opt, batch, autocast)
+            sync(device)
+            times[name] += time.perf_counter() - t0
+    return {k: steps * batch_size / t for k, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -110,18 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             "law_mg_reuse": build(preset, law=True, mask_grounding=True, device=device, reuse_visual=True)}
     if args.compile:
         runs = {k: (torch.compile(task), opt) for k, (task, opt) in runs.items()}
-    for task, opt in runs.values():
-        for _ in range(args.warmup):
-            train_step(task, opt, batch, autocast)
-    times = {k: 0.0 for k in runs}
-    for _ in range(steps):                          # interleaved: drift hits every model alike
-        for name, (task, opt) in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            train_step(task, opt, batch, autocast)
-            sync(device)
-            times[name] += time.perf_counter() - t0
-    sps = {k: steps * batch_size / t for k, t in times.items()}
+    sps = interleaved_samples_per_s(runs, batch, autocast, device, args.warmup, steps, batch_size)
 
     model = getattr(runs["law"][0], "_orig_mod", runs["law"][0]).model.eval()
     with torch.no_grad(), autocast():
