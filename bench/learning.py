@@ -97,7 +97,7 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
     """Evaluation points from metrics.jsonl and the per-expression dumps: one dict per evaluated step. With
     `targets` ({split: finetune.references.ref_targets}) each point also gets the distinct-answer rate."""
     from finetune.demo import kind_breakdown
-    from finetune.references import distinct_answer_rate
+    from finetune.references import pooled_distinct_answers
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     samples = 0
@@ -110,7 +110,7 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
         step = int(r["step"])
         sub = "" if step >= total else f"step{step:06d}"
         p = {"step": step, "samples": samples, "splits": {}, "kinds": {}}
-        pairs = differ = 0
+        dumps = []
         for s in SPLITS:
             if f"eval/{s}/rec_prec@0.5" in r:          # finetune.__main__.flat_metrics' keys
                 p["splits"][s] = {"rec": r[f"eval/{s}/rec_prec@0.5"], "miou": r.get(f"eval/{s}/miou")}
@@ -120,11 +120,9 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
                     p["splits"][s]["grefcoco"] = gen
                     continue
                 p["kinds"][s] = kind_breakdown(dump)
-                if targets and dump.is_file():
-                    d = distinct_answer_rate([json.loads(x) for x in dump.read_text().splitlines() if x.strip()],
-                                             targets[s])
-                    pairs, differ = pairs + d["pairs"], differ + d["rate"] * d["pairs"]
-        p["distinct_answers"] = differ / pairs if pairs else None
+                if targets:
+                    dumps.append((dump, targets[s]))
+        p["distinct_answers"] = pooled_distinct_answers(dumps)["rate"]
         points.append(p)
     speeds = [r["samples_per_s_gpu"] for r in rows if "samples_per_s_gpu" in r]
     for p in points:

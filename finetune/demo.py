@@ -309,21 +309,14 @@ def language_use_notes(out: Path, inits: list[str], splits: list[str]) -> list[s
     """One line per run: the distinct-answer rate over all splits (finetune.references.distinct_answer_rate:
     pairs of expressions on one image naming different objects whose predicted boxes differ; 0 = the answers
     ignore the expression, 1 = the ground truth)."""
-    from finetune.references import distinct_answer_rate, ref_targets
+    from finetune.references import pooled_distinct_answers, ref_targets
 
     targets = {s: ref_targets(out / "raw" / "refer", s) for s in splits}
     notes = []
     for init in inits:
-        pairs = differ = 0.0
-        for split in splits:
-            dump = out / "finetune" / init / "eval" / f"{split}.jsonl"
-            if dump.is_file():
-                d = distinct_answer_rate([json.loads(x) for x in dump.read_text().splitlines() if x.strip()],
-                                         targets[split])
-                if d["pairs"]:
-                    pairs, differ = pairs + d["pairs"], differ + d["rate"] * d["pairs"]
-        if pairs:
-            notes.append(f"{init}: distinct answers {differ / pairs:.2f} over {int(pairs)} pairs of expressions on one "
+        d = pooled_distinct_answers([(out / "finetune" / init / "eval" / f"{s}.jsonl", targets[s]) for s in splits])
+        if d["pairs"]:
+            notes.append(f"{init}: distinct answers {d['rate']:.2f} over {d['pairs']} pairs of expressions on one "
                          f"image naming different objects (0 = the expression is ignored, 1 = ground truth)")
     return notes
 

@@ -124,3 +124,18 @@ def distinct_answer_rate(rows: list[dict], targets: dict[int, tuple[int, int]]) 
                     pairs += 1
                     differ += box_iou_xywh(answers[i][1], answers[j][1]) < 0.5
     return {"pairs": pairs, "rate": differ / pairs if pairs else float("nan")}
+
+
+def pooled_distinct_answers(dumps: list[tuple[Path, dict[int, tuple[int, int]]]]) -> dict:
+    """`distinct_answer_rate` pooled over several evaluation dumps (each with its split's `ref_targets`);
+    missing dumps are left out. {"pairs", "rate"} (rate None without pairs)."""
+    import json
+
+    pairs = differ = 0.0
+    for dump, targets in dumps:
+        if Path(dump).is_file():
+            d = distinct_answer_rate([json.loads(x) for x in Path(dump).read_text().splitlines() if x.strip()],
+                                     targets)
+            if d["pairs"]:
+                pairs, differ = pairs + d["pairs"], differ + d["rate"] * d["pairs"]
+    return {"pairs": int(pairs), "rate": differ / pairs if pairs else None}
