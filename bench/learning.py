@@ -96,7 +96,7 @@ def launch(cmd: list[str], threads: int, log: Path, port: int) -> tuple[subproce
 def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None) -> list[dict]:
     """Evaluation points from metrics.jsonl and the per-expression dumps: one dict per evaluated step. With
     `targets` ({split: finetune.references.ref_targets}) each point also gets the distinct-answer rate."""
-    from finetune.demo import kind_breakdown
+    from finetune.demo import attribute_cue, kind_breakdown
     from finetune.references import pooled_distinct_answers
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -109,7 +109,7 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
             continue
         step = int(r["step"])
         sub = "" if step >= total else f"step{step:06d}"
-        p = {"step": step, "samples": samples, "splits": {}, "kinds": {}}
+        p = {"step": step, "samples": samples, "splits": {}, "kinds": {}, "cues": {}}
         dumps = []
         for s in SPLITS:
             if f"eval/{s}/rec_prec@0.5" in r:          # finetune.__main__.flat_metrics' keys
@@ -120,6 +120,7 @@ def read_curve(run_dir: Path, total: int, targets: dict[str, dict] | None = None
                     p["splits"][s]["grefcoco"] = gen
                     continue
                 p["kinds"][s] = kind_breakdown(dump)
+                p["cues"][s] = kind_breakdown(dump, attribute_cue)
                 if targets:
                     dumps.append((dump, targets[s]))
         p["distinct_answers"] = pooled_distinct_answers(dumps)["rate"]
@@ -135,10 +136,11 @@ def mean_over_splits(p: dict, key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def kinds_pooled(p: dict) -> dict[str, dict]:
-    """Per expression kind over all evaluated splits (weighted by the number of expressions)."""
+def kinds_pooled(p: dict, field: str = "kinds") -> dict[str, dict]:
+    """Per expression kind (or attribute cue, field="cues") over all evaluated splits (weighted by the number of
+    expressions)."""
     out: dict[str, dict] = {}
-    for per_split in p["kinds"].values():
+    for per_split in p.get(field, {}).values():
         for k, v in per_split.items():
             o = out.setdefault(k, {"n": 0, "rec": 0.0, "miou": 0.0})
             o["n"] += v["n"]
@@ -165,6 +167,31 @@ def print_table(name: str, points: list[dict], wall: float) -> None:
         cells.append(f"{p['distinct_answers']:.2f}" if p.get("distinct_answers") is not None else "-")
         cells.append(f"{p['samples_per_s']:.1f}" if p.get("samples_per_s") else "-")
         print("| " + " | ".join(cells) + " |")
+
+
+CUES = ("colour", "shape", "colour+shape", "size")
+
+
+def print_cue_table(name: str, points: list[dict], refs: dict[str, dict]) -> None:
+    """Attribute expressions by what they name the target by (finetune.demo.attribute_cue), all splits pooled,
+    beside the random-object reference of the same expressions: which visual property the model has learnt."""
+    if not any(p.get("cues") for p in points):
+        return
+    print(f"\n## {name}: attribute expressions by the cue they name (Prec@0.5 / mIoU, all splits)")
+    print("| step | " + " | ".join(CUES) + " |")
+    print("|" + "---|" * (len(CUES) + 1))
+    for p in points:
+        cues = kinds_pooled(p, "cues")
+        print(f"| {p['step']} | " + " | ".join(f"{cues[c]['rec']:.3f} / {cues[c]['miou']:.3f}" if c in cues else "-"
+                                               for c in CUES) + " |")
+    if refs:
+        cells = []
+        for c in CUES:
+            per = [(r["kinds"][c]["n"], r["kinds"][c]["random_object"]["rec"]) for r in refs.values()
+                   if c in r.get("kinds", {})]
+            n = sum(k for k, _ in per)
+            cells.append(f"{sum(k * v for k, v in per) / n:.3f} (n {n})" if n else "-")
+        print("| random object | " + " | ".join(cells) + " |")
 
 
 GREFCOCO_COLUMNS = (("giou", "gIoU"), ("ciou", "cIoU"), ("n_acc", "N-acc"), ("t_acc", "T-acc"),
@@ -233,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finetune.demo import attribute_cue
     from finetune.references import language_blind_references, ref_targets
     from shards.inputs import InputError
     from shards.synthetic_text import parse
@@ -246,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
                              + (" (with shards/grefcoco for --dataset grefcoco)" if args.dataset != "refcoco" else ""))
     refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
             if args.dataset == "refcoco" else {})
+    cue_refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=attribute_cue) for s in SPLITS}
+                if args.dataset == "refcoco" else {})
     targets = {s: ref_targets(data / "raw" / "refer", s) for s in SPLITS} if args.dataset == "refcoco" else None
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
@@ -271,12 +301,14 @@ def run(args: argparse.Namespace) -> int:
             continue
         points = read_curve(run_dir, args.steps, targets)
         print_table(f"{name}: {' '.join(args.overrides + extra) or '(config as is)'}", points, wall)
+        print_cue_table(name, points, cue_refs)
         print_grefcoco_table(name, points)
         last = points[-1] if points else None
         result["runs"][name] = {"overrides": args.overrides + extra, "wall_s": wall, "curve": points,
                                 "final": None if last is None else {
                                     "rec_mean": mean_over_splits(last, "rec"), "miou_mean": mean_over_splits(last, "miou"),
-                                    "splits": last["splits"], "kinds": kinds_pooled(last)}}
+                                    "splits": last["splits"], "kinds": kinds_pooled(last),
+                                    "cues": kinds_pooled(last, "cues")}}
     if refs:
         print_references(refs)
     print(json.dumps(result))

@@ -115,19 +115,38 @@ def load_examples(shard_dir: Path, tokenizer_dir: Path, dump: Path, n_good: int,
     return out
 
 
-def kind_breakdown(dump: Path) -> dict[str, dict]:
+def attribute_cue(text: str) -> str | None:
+    """What an attribute expression of the synthetic language names its target by: "colour" (a colour, no
+    shape word), "shape" (a shape word, no colour), "colour+shape", or "size" (only small / large); None for
+    superlatives and relations. Tells which visual property a model has learnt: colour is a linear function of a
+    patch's pixels, a shape must be put together from the patches an object straddles."""
+    from shards.synthetic_text import parse
+
+    q = parse(text)
+    if q.kind != "attribute":
+        return None
+    d = q.target
+    if d.color and d.shape:
+        return "colour+shape"
+    return "colour" if d.color else "shape" if d.shape else "size"
+
+
+def kind_breakdown(dump: Path, key=None) -> dict[str, dict]:
     """Per expression kind of the synthetic language (shards.synthetic_text.parse: attribute, superlative,
-    relation): {kind: {"n", "rec" (Prec@0.5), "miou"}} from an evaluation dump; {} when the dump is missing."""
+    relation), or per `key(text)` (e.g. attribute_cue; None leaves an expression out): {group: {"n",
+    "rec" (Prec@0.5), "miou"}} from an evaluation dump; {} when the dump is missing."""
     from shards.synthetic_text import parse
 
     if not dump.is_file():
         return {}
+    key = key or (lambda text: parse(text).kind)
     hits: dict[str, list[tuple[float, float]]] = {}
     for line in dump.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            hits.setdefault(parse(r["text"]).kind, []).append((float(r.get("box_iou", 0.0) >= 0.5),
-                                                               float(r.get("mask_iou", 0.0))))
+            group = key(r["text"])
+            if group is not None:
+                hits.setdefault(group, []).append((float(r.get("box_iou", 0.0) >= 0.5), float(r.get("mask_iou", 0.0))))
     return {k: {"n": len(v), "rec": sum(a for a, _ in v) / len(v), "miou": sum(b for _, b in v) / len(v)}
             for k, v in hits.items()}
 

@@ -96,6 +96,25 @@ def test_kind_breakdown_scores_each_expression_kind(tmp_path):
     assert "| pretrained | val | attribute | 2 | 0.500 | 0.500 |" in table
 
 
+def test_attribute_cue_groups_attribute_expressions_by_what_they_name(tmp_path):
+    from finetune.demo import attribute_cue, kind_breakdown
+    assert attribute_cue("the red shape") == "colour"
+    assert attribute_cue("small purple shape") == "colour"
+    assert attribute_cue("the small square") == "shape"
+    assert attribute_cue("the blue diamond") == "colour+shape"
+    assert attribute_cue("the large shape") == "size"
+    assert attribute_cue("the leftmost circle") is None              # superlative
+    assert attribute_cue("the circle left of the star") is None      # relation
+    rows = [{"text": "the red shape", "box_iou": 0.9, "mask_iou": 0.8},
+            {"text": "the square", "box_iou": 0.1, "mask_iou": 0.2},
+            {"text": "the small square", "box_iou": 0.7, "mask_iou": 0.4},
+            {"text": "the leftmost circle", "box_iou": 0.9, "mask_iou": 0.9}]
+    dump = tmp_path / "val.jsonl"
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert kind_breakdown(dump, attribute_cue) == {"colour": {"n": 1, "rec": 1.0, "miou": 0.8},
+                                                   "shape": {"n": 2, "rec": 0.5, "miou": pytest.approx(0.3)}}
+
+
 def test_gpu_preset_configs_build_the_models_they_name(tmp_path):
     """configs/*/demo_gpu.yaml: the pretraining task (ViT-S/16 at 224, MiniLM split 4 + 2) and the VG-LAW that
     adopts its architecture build on the CPU, with the fine-tuning grid's windows and LAW width."""
