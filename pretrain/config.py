@@ -41,6 +41,7 @@ class VisionConfig:
     timm_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
     pos_embed_init: str = "random"          # random (timm's) | sincos (MAE's 2D sin-cos, still learnt); no checkpoint only
     conv_stem: list = field(default_factory=list)  # [] = timm's patchify; widths of 3x3/2 convs instead (ViT_C)
+    conv_stem_add: bool = False             # keep the patchify too and add the two (pretrain.encoders.SummedEmbed)
 
 
 @dataclass

@@ -36,7 +36,9 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
     except TypeError as e:          # a timm_kwargs entry the model does not take
         raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
     if cfg.conv_stem:
-        add_conv_stem(model, cfg.conv_stem, cfg.img_size)
+        add_conv_stem(model, cfg.conv_stem, cfg.img_size, keep_patchify=cfg.conv_stem_add)
+    elif cfg.conv_stem_add:
+        raise ConfigError("model.vision.conv_stem_add needs model.vision.conv_stem (the widths of the stem to add)")
     if cfg.checkpoint:
         load_vision_weights(model, cfg.checkpoint)
     elif cfg.pos_embed_init == "sincos":
@@ -48,11 +50,35 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
     return model
 
 
-def add_conv_stem(model: nn.Module, widths: list, img_size: int) -> None:
+class SummedEmbed(nn.Module):
+    """The patchify layer's tokens plus a convolutional stem's, on the same grid (`model.vision.conv_stem_add`).
+
+    A linear patch embedding reads an object's colour directly (a linear function of its pixels) but not its
+    shape when the object spans one or two patches at an arbitrary offset; a conv stem reads shapes but, on the
+    synthetic scenes, loses part of the colour (linear probes on the tokens of an object after 800 demo
+    fine-tuning steps, 2-core CPU: patchify colour 0.99 / shape 0.34 on held-out objects, conv stem 0.81 / 0.52,
+    chance 0.17 / 0.20). The sum keeps both paths. Grid, patch size and position embeddings are the patchify's."""
+
+    def __init__(self, patchify: nn.Module, stem: nn.Module) -> None:
+        super().__init__()
+        self.patchify = patchify
+        self.stem = stem
+        self.img_size, self.patch_size = patchify.img_size, patchify.patch_size
+        self.grid_size, self.num_patches = patchify.grid_size, patchify.num_patches
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return self.patchify.dynamic_feat_size(img_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.patchify(x) + self.stem(x)
+
+
+def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: bool = False) -> None:
     """Replace a ViT's patchify layer with a convolutional stem (Xiao et al., "Early Convolutions Help
     Transformers See Better", 2021): one 3x3 stride-2 conv per entry of `widths` (BatchNorm + ReLU between them;
     the last one linear and `embed_dim` wide), so len(widths) convs reach the patch stride (16 = four convs).
-    Built from timm's own ConvStem and HybridEmbed; blocks, position embeddings and token grid are unchanged."""
+    Built from timm's own ConvStem and HybridEmbed; blocks, position embeddings and token grid are unchanged.
+    `keep_patchify`: add the stem's tokens to the patchify layer's instead (SummedEmbed)."""
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer_hybrid import ConvStem
 
@@ -69,7 +95,8 @@ def add_conv_stem(model: nn.Module, widths: list, img_size: int) -> None:
     if widths[-1] != dim:
         raise ConfigError(f"model.vision.conv_stem: the last width {widths[-1]} must be the embed_dim {dim}")
     stem = ConvStem(depth=len(widths), channels=tuple(widths), kernel_size=3, stride=(2,) * len(widths), padding=1)
-    model.patch_embed = HybridEmbed(stem, img_size=img_size, patch_size=1, embed_dim=dim, proj=False)
+    hybrid = HybridEmbed(stem, img_size=img_size, patch_size=1, embed_dim=dim, proj=False)
+    model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
 
 
 def init_sincos_pos_embed(model: nn.Module) -> None:

@@ -129,6 +129,26 @@ def test_conv_stem_keeps_the_token_grid_and_loads_at_another_size():
     assert hw == (6, 6) and tokens.shape == (1, 36, 192)
 
 
+def test_conv_stem_add_sums_the_stem_and_the_patchify_tokens():
+    """model.vision.conv_stem_add: the patchify layer stays and the stem's tokens are added to its tokens."""
+    from finetune.backbone import LawViT
+
+    a = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
+                                          conv_stem=[24, 48, 96, 192], conv_stem_add=True))
+    x = torch.randn(2, 3, 64, 64)
+    pe = a.patch_embed
+    assert torch.allclose(pe(x), pe.patchify(x) + pe.stem(x)) and pe.img_size == (64, 64)
+    tok = vision_tokens(a, x)
+    assert tok.shape == (2, 1 + 4 * 4, 192)
+    tok.sum().backward()
+    assert pe.patchify.proj.weight.grad.abs().sum() > 0 and pe.stem.backbone[0].conv.weight.grad.abs().sum() > 0
+    tokens, hw = LawViT(a, 192, law=False, global_blocks=[0])(x)
+    assert hw == (4, 4) and tokens.shape == (2, 16, 192)
+    with pytest.raises(ConfigError, match="conv_stem_add needs model.vision.conv_stem"):
+        build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
+                                          conv_stem_add=True))
+
+
 @pytest.mark.parametrize("widths, msg", [([24, 48, 192], "stride 8, not the model's patch size 16"),
                                          ([24, 48, 96, 100], "last width 100 must be the embed_dim 192"),
                                          ("wide", "list of positive channel widths")])
