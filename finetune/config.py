@@ -55,8 +55,12 @@ class MdetrHeadConfig:
     heads: int = 8
     align_dim: int = 64                     # contrastive alignment space (MDETR: 64)
     score_threshold: float = 0.5            # a query answers when 1 - p(no object) reaches this
+    box: str = "mlp"                        # mlp: sigmoid(MLP(query)) (MDETR); geometry: each query's attention
+                                            # map's reference box + an MLP correction (finetune/mdetr_head.py)
 
     def validate(self) -> None:
+        if self.box not in ("mlp", "geometry"):
+            raise ConfigError(f"model.mdetr.box: expected mlp or geometry, got {self.box!r}")
         if self.queries < 1 or self.depth < 1 or self.align_dim < 1 or self.heads < 1 or self.dim % self.heads:
             raise ConfigError("model.mdetr: queries, depth, align_dim >= 1 and dim divisible by heads required")
         if not 0.0 < self.score_threshold < 1.0:

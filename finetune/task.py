@@ -198,7 +198,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     if cfg.head == "mdetr":
         m = cfg.mdetr
         mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
-                          heads=m.heads, align_dim=m.align_dim)
+                          heads=m.heads, align_dim=m.align_dim, box=m.box)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,
