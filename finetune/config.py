@@ -55,8 +55,12 @@ class MdetrHeadConfig:
     heads: int = 8
     align_dim: int = 64                     # contrastive alignment space (MDETR: 64)
     score_threshold: float = 0.5            # a query answers when 1 - p(no object) reaches this
+    box: str = "mlp"                        # mlp: sigmoid(MLP(query)) (MDETR); geometry: each query's attention
+                                            # map's reference box + an MLP correction (finetune/mdetr_head.py)
 
     def validate(self) -> None:
+        if self.box not in ("mlp", "geometry"):
+            raise ConfigError(f"model.mdetr.box: expected mlp or geometry, got {self.box!r}")
         if self.queries < 1 or self.depth < 1 or self.align_dim < 1 or self.heads < 1 or self.dim % self.heads:
             raise ConfigError("model.mdetr: queries, depth, align_dim >= 1 and dim divisible by heads required")
         if not 0.0 < self.score_threshold < 1.0:
@@ -120,7 +124,8 @@ class GroundingLossConfig:
     mrc: float = 0.0                        # AttBalance's momentum constraint KL(A_momentum || A) (0: off)
     mrc_momentum: float = 0.999             # EMA coefficient of the momentum model (per optimizer step)
     dat: bool = False                       # AttBalance's difficulty adaptive weights on the box losses
-    cal: float = 0.0                        # MagNet's cross-modal alignment loss, lambda_CAL (0: off)
+    cal: float = 0.0                        # MagNet's cross-modal alignment loss, lambda_CAL (0: off); with the
+                                            # mdetr head on the union mask of the targets, no-target samples left out
     cal_tau_pixel: float = 0.07             # tau_1 of the pixel-to-pixel InfoNCE
     cal_tau_text: float = 0.07              # tau_2 of the pixel-to-text InfoNCE
     cal_pixels: int = 512                   # pixels drawn per class (object / background) and sample; 0 = all
@@ -218,7 +223,7 @@ class FinetuneConfig:
             raise ConfigError(f"model.law_groups={self.model.law_groups} must divide the text width {text_dim}")
         if self.model.head == "mdetr":
             for key, on in (("loss.rac", self.loss.rac > 0), ("loss.mrc", self.loss.mrc > 0), ("loss.dat", self.loss.dat),
-                            ("loss.cal", self.loss.cal > 0), ("model.attn_layers", bool(self.model.attn_layers))):
+                            ("model.attn_layers", bool(self.model.attn_layers))):
                 if on:
                     raise ConfigError(f"{key} needs the one-instance head's LAP map, box and mask (model.head: "
                                       f"vglaw); the mdetr head has none of them")

@@ -7,9 +7,13 @@ Conditioning on the expression: the decoder's memory is the projected visual tok
 both modalities; the visual tokens are already language-adapted by LAW, so there is no separate encoder.
 The queries are learned embeddings (not initialised from the text).
 
-Per query: box = sigmoid(MLP) (cx, cy, w, h); token logits = a dot product of the query with every text token
-(padding at -1e4) plus one "no object" logit, so the score is 1 - p(no object) (MDETR's soft token prediction
-with a position-free classifier); alignment embeddings (L2-normalised, `align_dim`) of queries and tokens for
+Per query: a box (cx, cy, w, h), by `box`: "mlp" regresses it from the decoder output, sigmoid(MLP(hs)) (MDETR;
+the paper configs and the code default); "geometry" reads it from where the query looks (QueryGeometry): the
+query's own attention map over the visual tokens gives a reference box from its moments
+(finetune/heads.attention_geometry / reference_boxes, as the one-instance head's `lap_geometry`), corrected in
+logit space by an MLP whose last layer starts at zero. Token logits = a dot product of the query with every
+text token (padding at -1e4) plus one "no object" logit, so the score is 1 - p(no object) (MDETR's soft token
+prediction with a position-free classifier); alignment embeddings (L2-normalised, `align_dim`) of queries and tokens for
 the contrastive loss; mask logits = the dot product of a per-query embedding with the mask head's pixel
 embeddings (finetune/heads.py ResHead.pixel_embeddings, 1/4 of the input).
 """
@@ -20,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finetune.heads import attention_geometry, reference_boxes
 
 PAD_LOGIT = -1e4        # finite, so a zero target times it stays zero
 
@@ -39,10 +45,44 @@ def sincos_2d(hw: tuple[int, int], dim: int, device=None, dtype=None) -> torch.T
     return build_sincos2d_pos_embed(list(hw), dim=dim).to(device=device, dtype=dtype)
 
 
+BOXES = ("mlp", "geometry")
+
+
+class QueryGeometry(nn.Module):
+    """Per query, an attention map over the visual tokens (a key projection of the tokens, a query projection
+    of the decoder output, softmax over the grid: LanguageAdaptivePooling with one query per object query) and
+    the reference box of its moments, in logit space; MdetrHead adds its box MLP's output (last layer zeroed at
+    init) to it, so training starts from the reference box and the box losses reach the map through its moments.
+
+    The keys are the visual tokens as LAW leaves them, *before* the decoder's projection: that memory has the
+    2D sin-cos positions added, with which a learned query could point at a fixed place whatever the image
+    holds (the position prior that makes DETR's queries slow to converge). Without positions a map can only
+    point at tokens whose content matches the query, as the LAP map does, and its moments say where they are;
+    the box gradients also reach the backbone's tokens directly, as they do through the LAP map."""
+
+    def __init__(self, vis_dim: int, dim: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(vis_dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, visual: torch.Tensor, hw: tuple[int, int], hs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual [B,N,C] on grid hw, decoder output hs [B,Q,D] -> logit(reference box) [B,Q,4] (float32),
+        maps [B,Q,N] (each sums to 1)."""
+        B, Q, _ = hs.shape
+        logits = torch.einsum("bqd,bnd->bqn", self.query(hs), self.key(visual)) * self.scale
+        attn = logits.float().softmax(-1)
+        ref = reference_boxes(attention_geometry(attn.flatten(0, 1), hw), hw).view(B, Q, 4)
+        return torch.special.logit(ref), attn.to(hs.dtype)
+
+
 class MdetrHead(nn.Module):
     def __init__(self, vis_dim: int, text_dim: int, pix_dim: int, *, queries: int = 10, dim: int = 256,
-                 depth: int = 3, heads: int = 8, align_dim: int = 64) -> None:
+                 depth: int = 3, heads: int = 8, align_dim: int = 64, box: str = "mlp") -> None:
         super().__init__()
+        if box not in BOXES:
+            raise ValueError(f"box must be one of {', '.join(BOXES)}, got {box!r}")
         self.dim = dim
         self.vis_proj = nn.Linear(vis_dim, dim)
         self.text_proj = nn.Linear(text_dim, dim)
@@ -51,13 +91,18 @@ class MdetrHead(nn.Module):
         self.query_embed = nn.Embedding(queries, dim)
         layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
-        self.box = mlp(dim, dim, 4)
+        self.box = mlp(dim, dim, 4)                                 # geometry: the correction, from zero
+        if box == "geometry":
+            nn.init.zeros_(self.box[-1].weight)
+            nn.init.zeros_(self.box[-1].bias)
         self.token_query = nn.Linear(dim, dim)
         self.token_key = nn.Linear(dim, dim)
         self.no_object = nn.Linear(dim, 1)
         self.align_query = nn.Linear(dim, align_dim)
         self.align_token = nn.Linear(dim, align_dim)
         self.mask_embed = mlp(dim, dim, pix_dim)
+        # built last, so the modules both boxes share draw the same initial weights (and mlp's are as before)
+        self.geometry = QueryGeometry(vis_dim, dim) if box == "geometry" else None
 
     @property
     def queries(self) -> int:
@@ -67,7 +112,8 @@ class MdetrHead(nn.Module):
                 pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """visual [B,N,C] on grid hw, text [B,L,d_l] with text_mask [B,L], pixels [B,P,h,w] ->
         pred_boxes [B,Q,4], pred_logits [B,Q,L+1] (the last column is "no object"), query_align [B,Q,A],
-        token_align [B,L,A] (both L2-normalised), pred_masks [B,Q,h,w] (logits)."""
+        token_align [B,L,A] (both L2-normalised), pred_masks [B,Q,h,w] (logits); with box "geometry" also
+        query_attn [B,Q,N], each query's map over the visual tokens."""
         B = visual.shape[0]
         pos = sincos_2d(hw, self.dim, visual.device, visual.dtype)
         mem_v = self.vis_proj(visual) + pos[None] + self.type_embed[0]
@@ -82,9 +128,12 @@ class MdetrHead(nn.Module):
         tok = tok.masked_fill(pad[:, None, :], PAD_LOGIT)
         logits = torch.cat([tok, self.no_object(hs)], -1)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(hs), pixels) / math.sqrt(pixels.shape[1])
-        return {"pred_boxes": self.box(hs).sigmoid(), "pred_logits": logits,
-                "query_align": F.normalize(self.align_query(hs), dim=-1),
-                "token_align": F.normalize(self.align_token(mem_t), dim=-1), "pred_masks": masks}
+        out = {"pred_logits": logits, "query_align": F.normalize(self.align_query(hs), dim=-1),
+               "token_align": F.normalize(self.align_token(mem_t), dim=-1), "pred_masks": masks}
+        if self.geometry is None:
+            return {"pred_boxes": self.box(hs).sigmoid(), **out}
+        ref, attn = self.geometry(visual, hw, hs)
+        return {"pred_boxes": (ref + self.box(hs).float()).sigmoid().to(hs.dtype), "query_attn": attn, **out}
 
 
 def query_scores(pred_logits: torch.Tensor) -> torch.Tensor:

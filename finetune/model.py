@@ -3,7 +3,7 @@ expression enters the visual backbone through its qkv weights, and the heads thr
 
 With a multi-instance head (`mdetr`, finetune/mdetr_head.py; config model.head: mdetr) the LAP box head is not
 built: N object queries read the visual and text tokens and the mask head's pixel embeddings, and answer with
-several boxes and masks or none."""
+several boxes and masks or none. Its outputs include the pixel embeddings too (MagNet's CAL reads them)."""
 from __future__ import annotations
 
 import torch
@@ -67,8 +67,9 @@ class VGLaw(nn.Module):
         if self.cam is not None:
             visual, text = self.cam(visual, hw, text, text_mask)
         if self.mdetr is not None:  # pred_boxes [B,Q,4], pred_logits [B,Q,L+1], pred_masks [B,Q,S/4,S/4], ...
-            out = self.mdetr(visual, hw, text, text_mask, self.res_head.pixel_embeddings(visual, hw))
-            return {**out, "grid": hw, "visual": visual, "text": text}
+            pixel_emb = self.res_head.pixel_embeddings(visual, hw)
+            out = self.mdetr(visual, hw, text, text_mask, pixel_emb)
+            return {**out, "grid": hw, "visual": visual, "text": text, "pixel_emb": pixel_emb}
         cls = text[:, 0] if self.text_pool == "cls" else masked_mean(text, text_mask)
         layer_maps = [pool(taps[i], cls)[1] for i, pool in zip(self.attn_layers, self.layer_pools)]
         if attn_only:

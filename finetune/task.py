@@ -10,7 +10,9 @@
 
 With model.head: mdetr the box and mask terms are those of the Hungarian-matched queries, plus
 token * L_soft_token + align * L_contrastive (finetune/mdetr_losses.py); Mask Grounding is unchanged (it reads
-the expression's merged mask and the union of its boxes).
+the expression's merged mask and the union of its boxes), and so is CAL: its object pixels are the union of the
+expression's target masks (the batch's merged `mask`), and a no-target expression, which has none, is left out
+of CAL's mean like any sample without object or background pixels (finetune/cal.py).
 
 `forward(batch)` returns every term and the weighted total under "loss"; `lr_multipliers()` puts both
 backbones (the timm ViT and the text encoder) at `backbone_lr_mult` (VG-LAW: 4e-5 vs 4e-4 for the rest, which
@@ -115,6 +117,9 @@ class GroundingTask(nn.Module):
                                  temperature=c.align_temperature, focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
             weights = {"l1": c.l1, "giou": c.giou, "token": c.token, "align": c.align, "focal": c.focal,
                        "dice": c.dice}
+            if self.cal is not None:        # the merged mask: every target's pixels, none for no target
+                terms.update(self.cal(out["pixel_emb"], batch["mask"], out["text"], mask))
+                weights["cal"] = c.cal
         else:
             terms, weights = self.single_target_losses(batch, image, out)
         if self.mask_grounding is not None and self.training and c.mask_grounding > 0:
@@ -198,7 +203,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     if cfg.head == "mdetr":
         m = cfg.mdetr
         mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
-                          heads=m.heads, align_dim=m.align_dim)
+                          heads=m.heads, align_dim=m.align_dim, box=m.box)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,
