@@ -141,12 +141,11 @@ class GroundingLossConfig:
     cost_giou: float = 2.0
 
     def validate(self) -> None:
-        if self.align_temperature <= 0 or self.no_object < 0:
-            raise ConfigError("loss.align_temperature must be > 0 and loss.no_object >= 0")
-
-    def validate(self) -> None:
         check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
-                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "cal_pixels": 0})
+                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "cal_pixels": 0, "token": 0.0, "align": 0.0,
+                                 "no_object": 0.0, "cost_token": 0.0, "cost_l1": 0.0, "cost_giou": 0.0})
+        if not self.align_temperature > 0:
+            raise ConfigError(f"loss.align_temperature must be > 0, got {self.align_temperature}")
         if not 0.0 <= self.mrc_momentum < 1.0:
             raise ConfigError(f"loss.mrc_momentum must be in [0, 1), got {self.mrc_momentum}")
         for key in ("cal_tau_pixel", "cal_tau_text"):

@@ -129,3 +129,10 @@ def test_config_accepts_cal_and_the_box_option_with_mdetr():
             tiny_config(**GEOMETRY, **{"loss.cal": 1.0, key: value})
     with pytest.raises(ConfigError, match="model.mdetr.box"):
         tiny_config(**{"model.head": "mdetr", "model.mdetr": {"box": "deformable"}})
+
+
+@pytest.mark.parametrize("key, value", [("loss.align_temperature", 0.0), ("loss.no_object", -0.1),
+                                        ("loss.token", -1.0), ("loss.cost_l1", -5.0)])
+def test_config_rejects_bad_mdetr_loss_values(key, value):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(**MDETR, **{key: value})
