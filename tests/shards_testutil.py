@@ -47,3 +47,16 @@ def tiny_coco(root: Path, n: int = 6, size: tuple[int, int] = (320, 240), captio
     inst_file = write_json(root / "instances.json", {"info": {}, "licenses": [], "images": images, "annotations": objs,
                                                      "categories": [{"id": 3, "name": "car ", "supercategory": "v"}]})
     return root / "images", cap_file, inst_file
+
+
+class SeenObject:
+    """An object of a synthetic scene as a reader of the written files sees it: shape from the category name, colour
+    from the pixels, size class from the box, position from the box (what shards.synthetic_text resolves against)."""
+
+    def __init__(self, shape: str, color: str, size: str, bbox: list[float]):
+        self.shape, self.color, self.size, self.bbox = shape, color, size, bbox
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x, y, w, h = self.bbox
+        return x + w / 2, y + h / 2

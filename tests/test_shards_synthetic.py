@@ -17,6 +17,7 @@ from shards.refer import load_refs
 from shards.synthetic import FAMILIES, generate
 from shards.synthetic_scene import COLORS, SIZE_THRESHOLD
 from shards.synthetic_text import parse, resolve
+from tests.shards_testutil import SeenObject
 
 N_IMAGES = 10
 
@@ -51,19 +52,6 @@ def test_rejects_too_few_images(tmp_path):
     assert isinstance(e.value, InputError)
 
 
-class _Seen:
-    """An object as a reader of the written files sees it: shape from the category name, colour from
-    the pixels, size class from the box, position from the box."""
-
-    def __init__(self, shape: str, color: str, size: str, bbox: list[float]):
-        self.shape, self.color, self.size, self.bbox = shape, color, size, bbox
-
-    @property
-    def center(self) -> tuple[float, float]:
-        x, y, w, h = self.bbox
-        return x + w / 2, y + h / 2
-
-
 def _pixel_color(pixels: np.ndarray, mask: np.ndarray) -> str:
     inner = mask.copy()  # shrink by 2 px so JPEG ringing at the border does not count
     for axis in (0, 1):
@@ -92,7 +80,7 @@ def test_every_expression_names_exactly_its_target(raw):
             color = _pixel_color(pixels, coco.annToMask(a).astype(bool))
             assert color == color_name, (image_id, a["id"])  # the drawing shows the annotated colour
             size = "large" if max(a["bbox"][2:]) > SIZE_THRESHOLD * side else "small"
-            seen.append(_Seen(shape, color, size, a["bbox"]))
+            seen.append(SeenObject(shape, color, size, a["bbox"]))
         index = {a["id"]: i for i, a in enumerate(anns)}
         for r in (r for r in refs if r["image_id"] == image_id):
             family = FAMILIES.get(r["split"])
@@ -110,8 +98,9 @@ def test_every_expression_names_exactly_its_target(raw):
 
 
 def test_resolver_reports_ambiguity():
-    twins = [_Seen("circle", "red", "small", [10, 10, 30, 30]), _Seen("circle", "red", "small", [100, 12, 30, 30]),
-             _Seen("square", "blue", "large", [60, 100, 60, 60])]
+    twins = [SeenObject("circle", "red", "small", [10, 10, 30, 30]),
+             SeenObject("circle", "red", "small", [100, 12, 30, 30]),
+             SeenObject("square", "blue", "large", [60, 100, 60, 60])]
     assert resolve("the red circle", twins, 200) == [0, 1]
     assert resolve("the leftmost red circle", twins, 200) == [0]
     assert resolve("the red circle right of the blue square", twins, 200) == [1]

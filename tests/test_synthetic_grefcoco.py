@@ -11,6 +11,7 @@ import pytest
 from shards.synthetic import generate
 from shards.synthetic_scene import SIZE_THRESHOLD
 from shards.synthetic_text import Query, multi_target_queries, parse, resolve
+from tests.shards_testutil import SeenObject
 
 N_IMAGES = 10
 
@@ -19,16 +20,6 @@ N_IMAGES = 10
 def raw(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synthetic_gref") / "raw"
     return out, generate(out, seed=0, images=N_IMAGES)
-
-
-class _Seen:
-    def __init__(self, shape: str, color: str, size: str, bbox: list[float]):
-        self.shape, self.color, self.size, self.bbox = shape, color, size, bbox
-
-    @property
-    def center(self) -> tuple[float, float]:
-        x, y, w, h = self.bbox
-        return x + w / 2, y + h / 2
 
 
 def test_every_generalised_expression_resolves_to_exactly_its_targets(raw):
@@ -43,7 +34,7 @@ def test_every_generalised_expression_resolves_to_exactly_its_targets(raw):
         im = images[r["image_id"]]
         side = min(im["width"], im["height"])
         anns = [a for a in inst["annotations"] if a["image_id"] == r["image_id"]]
-        seen = [_Seen(cats[a["category_id"]].split()[1], cats[a["category_id"]].split()[0],
+        seen = [SeenObject(cats[a["category_id"]].split()[1], cats[a["category_id"]].split()[0],
                       "large" if max(a["bbox"][2:]) > SIZE_THRESHOLD * side else "small", a["bbox"]) for a in anns]
         index = {a["id"]: i for i, a in enumerate(anns)}
         assert isinstance(r["ann_id"], list) and r["no_target"] == (r["ann_id"] == [-1])
@@ -69,8 +60,10 @@ def test_every_generalised_expression_resolves_to_exactly_its_targets(raw):
 
 
 def test_plural_parser_and_resolver():
-    objs = [_Seen("circle", "red", "small", [10, 10, 30, 30]), _Seen("circle", "red", "small", [20, 120, 30, 30]),
-            _Seen("star", "blue", "large", [120, 60, 60, 60]), _Seen("circle", "green", "small", [200, 10, 30, 30])]
+    objs = [SeenObject("circle", "red", "small", [10, 10, 30, 30]),
+            SeenObject("circle", "red", "small", [20, 120, 30, 30]),
+            SeenObject("star", "blue", "large", [120, 60, 60, 60]),
+            SeenObject("circle", "green", "small", [200, 10, 30, 30])]
     assert resolve("all the red circles", objs, 240) == [0, 1]
     assert resolve("the two red shapes", objs, 240) == [0, 1]
     assert resolve("all the circles left of the blue star", objs, 240) == [0, 1]
