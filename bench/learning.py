@@ -187,8 +187,8 @@ def print_cue_table(name: str, points: list[dict], refs: dict[str, dict]) -> Non
     if refs:
         cells = []
         for c in CUES:
-            per = [(r["kinds"][c]["n"], r["kinds"][c]["random_object"]["rec"]) for r in refs.values()
-                   if c in r.get("kinds", {})]
+            per = [(r["cues"][c]["n"], r["cues"][c]["random_object"]["rec"]) for r in refs.values()
+                   if c in r.get("cues", {})]
             n = sum(k for k, _ in per)
             cells.append(f"{sum(k * v for k, v in per) / n:.3f} (n {n})" if n else "-")
         print("| random object | " + " | ".join(cells) + " |")
@@ -272,10 +272,9 @@ def run(args: argparse.Namespace) -> int:
         if not (data / part).is_dir():
             raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder"
                              + (" (with shards/grefcoco for --dataset grefcoco)" if args.dataset != "refcoco" else ""))
-    refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind) for s in SPLITS}
+    refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind,
+                                          groupings={"cues": attribute_cue}) for s in SPLITS}
             if args.dataset == "refcoco" else {})
-    cue_refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=attribute_cue) for s in SPLITS}
-                if args.dataset == "refcoco" else {})
     targets = {s: ref_targets(data / "raw" / "refer", s) for s in SPLITS} if args.dataset == "refcoco" else None
     settings = [(args.name, [])] + ([(args.vs_name, list(args.vs))] if args.vs else [])
     threads = args.threads or (1 if args.vs else (os.cpu_count() or 1))
@@ -301,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         points = read_curve(run_dir, args.steps, targets)
         print_table(f"{name}: {' '.join(args.overrides + extra) or '(config as is)'}", points, wall)
-        print_cue_table(name, points, cue_refs)
+        print_cue_table(name, points, refs)
         print_grefcoco_table(name, points)
         last = points[-1] if points else None
         result["runs"][name] = {"overrides": args.overrides + extra, "wall_s": wall, "curve": points,

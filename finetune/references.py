@@ -42,9 +42,10 @@ def _union_box(boxes: list[list[float]]) -> list[float]:
 
 
 def language_blind_references(refer_root: str | Path, split: str, *, dataset: str = "refcoco",
-                              split_by: str = "unc", by_kind=None) -> dict:
+                              split_by: str = "unc", by_kind=None, groupings=None) -> dict:
     """{"n", "random_object": {"rec", "miou"}, "largest_object": {...}, "all_objects": {...}} for every (ref, sentence) of `split`; with `by_kind` (sentence -> kind name) the same
-    per kind under "kinds"."""
+    per kind under "kinds", and with `groupings` ({field: sentence -> group name or None}) per group under each field
+    (one pass over the annotations for all of them; None leaves a sentence out of that field)."""
     root = Path(refer_root)
     refs = [r for r in load_refs(refs_path(root, dataset, split_by)) if r.get("split") == split]
     inst = load_instances(root / dataset / "instances.json")
@@ -55,6 +56,7 @@ def language_blind_references(refer_root: str | Path, split: str, *, dataset: st
         ann_by_id[int(a["id"])] = a
         if not a.get("iscrowd", 0):
             anns_of[int(a["image_id"])].append(a)
+    fields = {**({"kinds": by_kind} if by_kind else {}), **(groupings or {})}
     per_image: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
     rows: list[tuple[str | None, dict[str, tuple[float, float]]]] = []
     for ref in refs:
@@ -80,11 +82,12 @@ def language_blind_references(refer_root: str | Path, split: str, *, dataset: st
         }
         for sent in ref["sentences"]:
             text = (sent.get("sent") or sent.get("raw") or "") if isinstance(sent, dict) else str(sent)
-            rows.append((by_kind(text) if by_kind else None, scores))
-    return _summarise(rows)
+            groups = {field: fn(text) for field, fn in fields.items()}
+            rows.append((groups, scores))
+    return _summarise(rows, list(fields))
 
 
-def _summarise(rows: list[tuple[str | None, dict[str, tuple[float, float]]]]) -> dict:
+def _summarise(rows: list[tuple[dict[str, str | None], dict[str, tuple[float, float]]]], fields: list[str]) -> dict:
     def mean(sel):
         if not sel:
             return {}
@@ -93,10 +96,11 @@ def _summarise(rows: list[tuple[str | None, dict[str, tuple[float, float]]]]) ->
                 for k in names}
 
     out = {"n": len(rows), **mean(rows)}
-    kinds = sorted({k for k, _ in rows if k is not None})
-    if kinds:
-        out["kinds"] = {k: {"n": sum(1 for kk, _ in rows if kk == k), **mean([r for r in rows if r[0] == k])}
-                        for k in kinds}
+    for field in fields:
+        groups = sorted({g[field] for g, _ in rows if g[field] is not None})
+        if groups:
+            out[field] = {k: {"n": sum(1 for g, _ in rows if g[field] == k), **mean([r for r in rows if r[0][field] == k])}
+                          for k in groups}
     return out
 
 

@@ -71,3 +71,14 @@ def test_distinct_answer_rate_counts_pairs_with_different_targets_only():
     out = distinct_answer_rate(rows, targets)
     assert out["pairs"] == 3 and out["rate"] == pytest.approx(2 / 3)
     assert distinct_answer_rate([], targets)["pairs"] == 0
+
+
+def test_references_per_grouping_in_the_same_pass(refer_root):
+    """`groupings`: more fields beside "kinds" from one pass; a None group leaves the sentence out of that field."""
+    kind = lambda t: "superlative" if "most" in t else "attribute"          # noqa: E731
+    r = language_blind_references(refer_root, "val", by_kind=kind,
+                                  groupings={"size": lambda t: next((w for w in ("small", "large") if w in t), None)})
+    assert r["kinds"] == language_blind_references(refer_root, "val", by_kind=kind)["kinds"]
+    assert set(r["size"]) == {"small", "large"} and r["size"]["small"]["n"] == 1 and r["size"]["large"]["n"] == 1
+    assert r["size"]["large"]["largest_object"]["rec"] == 1.0 and r["size"]["small"]["largest_object"]["rec"] == 0.0
+    assert "size" not in language_blind_references(refer_root, "val")
