@@ -46,6 +46,9 @@ class MaskGroundingConfig:
             raise ConfigError("model.mask_grounding: depth >= 1 and dim divisible by heads required")
 
 
+MDETR_BOXES = ("mlp", "geometry")      # how the mdetr head reads a query's box (finetune/mdetr_head.py)
+
+
 @dataclass
 class MdetrHeadConfig:
     """The MDETR-style multi-instance head (model.head: mdetr, finetune/mdetr_head.py)."""
@@ -59,8 +62,8 @@ class MdetrHeadConfig:
                                             # map's reference box + an MLP correction (finetune/mdetr_head.py)
 
     def validate(self) -> None:
-        if self.box not in ("mlp", "geometry"):
-            raise ConfigError(f"model.mdetr.box: expected mlp or geometry, got {self.box!r}")
+        if self.box not in MDETR_BOXES:
+            raise ConfigError(f"model.mdetr.box: expected one of {', '.join(MDETR_BOXES)}, got {self.box!r}")
         if self.queries < 1 or self.depth < 1 or self.align_dim < 1 or self.heads < 1 or self.dim % self.heads:
             raise ConfigError("model.mdetr: queries, depth, align_dim >= 1 and dim divisible by heads required")
         if not 0.0 < self.score_threshold < 1.0:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config import MDETR_BOXES
 from finetune.heads import attention_geometry, reference_boxes
 
 PAD_LOGIT = -1e4        # finite, so a zero target times it stays zero
@@ -43,9 +44,6 @@ def sincos_2d(hw: tuple[int, int], dim: int, device=None, dtype=None) -> torch.T
     from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
     return build_sincos2d_pos_embed(list(hw), dim=dim).to(device=device, dtype=dtype)
-
-
-BOXES = ("mlp", "geometry")
 
 
 class QueryGeometry(nn.Module):
@@ -81,8 +79,8 @@ class MdetrHead(nn.Module):
     def __init__(self, vis_dim: int, text_dim: int, pix_dim: int, *, queries: int = 10, dim: int = 256,
                  depth: int = 3, heads: int = 8, align_dim: int = 64, box: str = "mlp") -> None:
         super().__init__()
-        if box not in BOXES:
-            raise ValueError(f"box must be one of {', '.join(BOXES)}, got {box!r}")
+        if box not in MDETR_BOXES:
+            raise ValueError(f"box must be one of {', '.join(MDETR_BOXES)}, got {box!r}")
         self.dim = dim
         self.vis_proj = nn.Linear(vis_dim, dim)
         self.text_proj = nn.Linear(text_dim, dim)
