@@ -49,3 +49,16 @@ def tiny_batch(n: int = 4, size: int = 64, length: int = 8, seed: int = 0) -> di
         masks[i, y0:y1, x0:x1] = 1
     return {"image": torch.randn(n, 3, size, size, generator=g), "text_ids": ids, "text_mask": mask,
             "bbox": boxes, "mask": masks}
+
+
+def overfit(task, batch: dict[str, torch.Tensor], steps: int, lr: float) -> list[dict[str, torch.Tensor]]:
+    """`steps` AdamW steps of `task` on one fixed batch; returns every step's loss terms (detached)."""
+    opt = torch.optim.AdamW(task.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        out = task(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append({k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()})
+    return history

@@ -6,7 +6,7 @@ import torch
 
 from finetune.mask_grounding import mask_tokens
 from finetune.task import build_model, build_task
-from finetune_helpers import tiny_batch, tiny_config
+from finetune_helpers import overfit, tiny_batch, tiny_config
 
 
 def _two_expressions(n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,15 +108,8 @@ def test_mask_tokens_only_words():
 def test_mask_grounding_loss_falls():
     torch.manual_seed(0)
     task = build_task(tiny_config())
-    opt = torch.optim.AdamW(task.parameters(), lr=2e-3)
     batch = tiny_batch(n=4, seed=3)
-    losses = []
-    for _ in range(25):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["mask_grounding"].item())
+    losses = [out["mask_grounding"].item() for out in overfit(task, batch, steps=25, lr=2e-3)]
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     assert "mask_grounding" not in build_task(tiny_config(**{"model.mask_grounding.enabled": False}))(batch)
 
@@ -192,11 +185,7 @@ def test_short_overfit_answers_two_expressions_on_one_image_differently():
     masks[1, 36:60, 36:60] = 1
     batch = {"image": image.expand(2, -1, -1, -1).contiguous(), "text_ids": ids, "text_mask": mask,
              "bbox": boxes, "mask": masks}
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-3)
-    for _ in range(150):
-        opt.zero_grad()
-        task(batch)["loss"].backward()
-        opt.step()
+    overfit(task, batch, steps=150, lr=1e-3)
     task.eval()
     pred = task.model.predict(batch["image"], ids, mask)["boxes"]
     iou = elementwise_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(boxes))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finetune.task import build_model, build_task
-from finetune_helpers import tiny_batch, tiny_config
+from finetune_helpers import overfit, tiny_batch, tiny_config
 from pretrain.config import ConfigError
 
 MDETR = {"model.head": "mdetr", "model.mdetr": {"queries": 4, "dim": 32, "depth": 2, "heads": 4, "align_dim": 16}}
@@ -57,11 +57,7 @@ def test_short_overfit_finds_two_targets_one_and_none():
              "target_masks": torch.stack([two_masks, one_masks, torch.zeros(2, size, size)]).byte()}
     batch["bbox"], batch["mask"] = batch["boxes"][:, 0], batch["target_masks"][:, 0].float()
     task.special_ids = (0, 101 % 120, 102 % 120)
-    opt = torch.optim.AdamW(task.parameters(), lr=2e-3)
-    for _ in range(200):
-        opt.zero_grad()
-        task(batch)["loss"].backward()
-        opt.step()
+    overfit(task, batch, steps=200, lr=2e-3)
     task.eval()
     out = task.model.predict(batch["image"], ids, batch["text_mask"])
     kept = out["scores"] >= task.model.score_threshold
