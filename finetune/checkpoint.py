@@ -60,20 +60,25 @@ def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def load_pretrained(model: VGLaw, path: str | Path) -> dict[str, int]:
-    """Initialise the ViT (`vision.*`, position embeddings resampled) and the text encoder (`text.*`) of `model`
-    from a pretraining export. Returns how many tensors each received."""
+def load_pretrained(model: VGLaw, path: str | Path, parts: tuple[str, ...] | list[str] = ("vision", "text")) -> dict[str, int]:
+    """Initialise the ViT (`vision.*`, position embeddings resampled) and/or the text encoder (`text.*`) of `model`
+    from a pretraining export (`parts`: config `init_parts`). Returns how many tensors each received."""
     sd = _load_weights(path)
     vision = {k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")}
     text = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
     if not vision or not text:
         raise ConfigError(f"init_from: {path} holds no 'vision.' and 'text.' weights (not a pretraining export)")
-    load_vision_weights(model.vision.vit, vision)
-    missing, unexpected = model.text.load_state_dict(text, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"init_from: text encoder does not fit {path}: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")
-    return {"vision": len(vision), "text": len(text)}
+    loaded = {"vision": 0, "text": 0}
+    if "vision" in parts:
+        load_vision_weights(model.vision.vit, vision)
+        loaded["vision"] = len(vision)
+    if "text" in parts:
+        missing, unexpected = model.text.load_state_dict(text, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"init_from: text encoder does not fit {path}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+        loaded["text"] = len(text)
+    return loaded
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGLaw, FinetuneConfig, Any]:

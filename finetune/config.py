@@ -47,6 +47,7 @@ class MaskGroundingConfig:
 
 
 MDETR_BOXES = ("mlp", "geometry")      # how the mdetr head reads a query's box (finetune/mdetr_head.py)
+INIT_PARTS = ("vision", "text")         # the encoders init_from can initialise (finetune/checkpoint.load_pretrained)
 
 
 @dataclass
@@ -207,6 +208,7 @@ class FinetuneRunConfig(RunConfig):
 @dataclass
 class FinetuneConfig:
     init_from: Optional[str] = None         # pretraining out_dir / export dir / .safetensors / DeepSpeed dir; null = scratch
+    init_parts: list = field(default_factory=lambda: list(INIT_PARTS))   # what init_from loads: vision, text or both
     backbone_lr_mult: float = 0.1           # ViT and text encoder: lr x this (paper: 4e-5 vs 4e-4)
     law_lr_mult: float = 1.0                # the language adaptive weight generator: lr x this (paper: 1)
     model: GroundingModelConfig = field(default_factory=GroundingModelConfig)
@@ -229,6 +231,9 @@ class FinetuneConfig:
                 if on:
                     raise ConfigError(f"{key} needs the one-instance head's LAP map, box and mask (model.head: "
                                       f"vglaw); the mdetr head has none of them")
+        if (not isinstance(self.init_parts, list) or not self.init_parts
+                or any(p not in INIT_PARTS for p in self.init_parts) or len(set(self.init_parts)) != len(self.init_parts)):
+            raise ConfigError(f"init_parts: expected a non-empty list of distinct {list(INIT_PARTS)}, got {self.init_parts!r}")
         for key in ("backbone_lr_mult", "law_lr_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -74,6 +74,17 @@ def test_init_from_pretraining_export(pretrain_export):
     vit, pre_vit = task.model.vision.vit, pre.vision
     torch.testing.assert_close(vit.blocks[3].attn.qkv.weight, pre_vit.blocks[3].attn.qkv.weight)
     assert pre_vit.pos_embed.shape[1] == 1 + 4 and vit.pos_embed.shape[1] == 1 + 16   # 2x2 grid -> 4x4
+    fresh = build_task(cfg)                                         # init_parts: the ViT only, text left as built
+    text_before = {k: v.clone() for k, v in fresh.model.text.state_dict().items()}
+    assert load_pretrained(fresh.model, exp, ["vision"]) == {"vision": counts["vision"], "text": 0}
+    torch.testing.assert_close(fresh.model.vision.vit.blocks[3].attn.qkv.weight, pre_vit.blocks[3].attn.qkv.weight)
+    for k, v in text_before.items():
+        torch.testing.assert_close(fresh.model.text.state_dict()[k], v)
+    assert not torch.equal(text_before["embeddings.word_embeddings.weight"],
+                           pre.text.state_dict()["embeddings.word_embeddings.weight"])
+    for bad in ([], ["vision", "vision"], ["fusion"], "vision"):
+        with pytest.raises(ConfigError, match="init_parts"):
+            from_dict(FinetuneConfig, {**FT, "init_parts": bad})
     save_file({"x": torch.zeros(1)}, str(exp.parent / "bad.safetensors"))
     with pytest.raises(ConfigError, match="no 'vision.'"):
         load_pretrained(task.model, exp.parent / "bad.safetensors")
