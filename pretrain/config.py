@@ -346,6 +346,9 @@ class ModelConfig:
 class LossConfig:
     weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "bbox": 1.0, "giou": 1.0})
     region_weight: float = 1.0              # L = L_image + region_weight * L_region (X^2-VLM mixed batch)
+    # identical texts in a batch (pretrain.losses.same_text) are neither ITC negatives nor ITM hard negatives of
+    # each other (X-VLM counts them as negatives: false ones, frequent among short region captions)
+    exclude_duplicates: bool = True
 
 
 @dataclass

@@ -25,3 +25,14 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     if world == 1:
         return x
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` [B, ...] (any dtype, no gradient) from every rank along dim 0 ([world * B, ...])."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

@@ -10,18 +10,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_giou
-from .gather import all_gather_with_grad, rank_and_world
+from .gather import all_gather_no_grad, all_gather_with_grad, rank_and_world
 
 
-def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor,
-             valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+@torch.no_grad()
+def same_text(text_ids: Tensor) -> Tensor:
+    """[B, world * B] bool: local text i has exactly the token ids of global text j (padding included; every rank
+    pads to the same length, data.max_tokens).
+
+    Synthetic region captions repeat within a batch ("red triangle" for two red triangles; two thirds of the demo's
+    region texts share their caption with another one), and real captions do too ("a man"). A pair whose texts are
+    identical is a match both ways, so it must be neither an ITC negative nor an ITM hard negative: counted as a
+    negative, it teaches the matching head that a text does not match its own image (measured: ITM then stays at
+    the constant answer)."""
+    every = all_gather_no_grad(text_ids)
+    return (text_ids[:, None, :] == every[None, :, :]).all(dim=-1)
+
+
+def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor, valid: Tensor | None = None,
+             duplicate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Symmetric InfoNCE of local rows against the GLOBAL batch of normalised features [B, e].
 
     The loss is normalised so that, with the gradient-carrying gather and data-parallel gradient averaging
     (mean over ranks), value and gradient are exactly those of the mean over the global batch, for any world
     size (no 1/world factor). `valid` [B] (bool) marks real pairs: padding repeats (the loader repeats region
     texts to a fixed count) are neither rows of the loss nor negatives of other rows. Every rank must pass the
-    same B. Returns (loss, local logits image->text [B, B], text->image [B, B]), the latter two detached.
+    same B. `duplicate` [B, world * B] (bool, `same_text`) marks columns that also match a row (identical
+    texts): they are left out of that row's negatives. Returns (loss, local logits image->text [B, B],
+    text->image [B, B]), the latter two detached.
     """
     rank, world = rank_and_world()
     b = image_feat.shape[0]
@@ -30,23 +46,31 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor,
     logits_i2t = image_feat @ text_all.t() / temp
     logits_t2i = text_feat @ image_all.t() / temp
     target = torch.arange(b, device=image_feat.device) + rank * b
-    if valid is None:
+    if valid is None and duplicate is None:
         loss = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
     else:
-        valid_all = all_gather_with_grad(valid.to(image_feat.dtype)).detach() > 0
-        keep = valid_all[None, :] | F.one_hot(target, valid_all.shape[0]).bool()
+        keep = F.one_hot(target, logits_i2t.shape[1]).bool()
+        others = torch.ones_like(keep) if duplicate is None else ~duplicate
+        if valid is not None:
+            valid_all = all_gather_with_grad(valid.to(image_feat.dtype)).detach() > 0
+            others = others & valid_all[None, :]
+        keep = keep | others
         rows = (F.cross_entropy(logits_i2t.masked_fill(~keep, float("-inf")), target, reduction="none")
                 + F.cross_entropy(logits_t2i.masked_fill(~keep, float("-inf")), target, reduction="none")) / 2
-        # mean over the valid rows of the global batch; x world because gradients get averaged over ranks
-        loss = (rows * valid).sum() * world / valid_all.sum().clamp(min=1)
+        if valid is None:
+            loss = rows.mean()
+        else:   # mean over the valid rows of the global batch; x world because gradients get averaged over ranks
+            loss = (rows * valid).sum() * world / valid_all.sum().clamp(min=1)
     local = slice(rank * b, (rank + 1) * b)
     return loss, logits_i2t[:, local].detach(), logits_t2i[:, local].detach()
 
 
 @torch.no_grad()
-def sample_hard_negatives(logits: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(logits: Tensor, valid: Tensor | None = None,
+                          duplicate: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """For each row i of a [B, B] similarity/temperature matrix, a column j != i drawn with weight
-    softmax(row) + 1e-5 (X-VLM), among the `valid` columns only (padding repeats would be false negatives).
+    softmax(row) + 1e-5 (X-VLM), among the `valid` columns only (padding repeats would be false negatives) and
+    not the columns `duplicate` [B, B] marks for that row (identical texts, `same_text`: not negatives).
     Non-finite weights count as 0. One `torch.multinomial` call on the whole matrix; no host sync.
 
     Returns (column per row [B], ok [B] bool): a row with no usable column falls back to a uniform draw over
@@ -59,6 +83,8 @@ def sample_hard_negatives(logits: Tensor, valid: Tensor | None = None) -> tuple[
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
     eye = torch.eye(b, dtype=torch.bool, device=logits.device)
     banned = eye if valid is None else eye | ~valid.bool()[None, :]
+    if duplicate is not None:
+        banned = banned | duplicate
     w = w.masked_fill(banned, 0.0)
     ok = w.sum(dim=1) > 0
     w = torch.where(ok[:, None], w, (~eye).to(w.dtype))

@@ -17,9 +17,10 @@ from .concepts import concept_tokens
 from .config import ConfigError, PretrainConfig
 from .encoders import build_text_encoder, build_vision_encoder, read_bert_state_dict, token_grid, vision_tokens
 from .fusion import build_fusion_encoder
+from .gather import rank_and_world
 from .heads import MLMHead, build_mlp_head
 from .box_ops import box_cxcywh_to_xyxy, elementwise_iou
-from .losses import (box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives, select_masked_positions,
+from .losses import (box_losses, itc_loss, itm_loss, mlm_loss, same_text, sample_hard_negatives, select_masked_positions,
                      weighted_mean)
 
 LOSS_NAMES = ("itc", "itm", "mlm", "bbox", "giou")
@@ -41,6 +42,7 @@ class PretrainTask(nn.Module):
             raise ConfigError(f"loss.weights: unknown loss '{unknown[0]}' (known: {', '.join(LOSS_NAMES)})")
         self.weights = {k: float(cfg.loss.weights.get(k, 1.0)) for k in LOSS_NAMES}
         self.region_weight = float(cfg.loss.region_weight)
+        self.exclude_duplicates = bool(cfg.loss.exclude_duplicates)
         self.mlm_positions = max(1, 2 * cfg.data.max_masks)   # scored positions per text (see losses)
         self.head_lr_mult = float(cfg.optim.head_lr_mult)
 
@@ -111,13 +113,15 @@ class PretrainTask(nn.Module):
         states = self._encode_texts(ids, masks)
 
         out: dict[str, Tensor] = {}
-        image_terms = self._level(vis[:b], None, states[0], batch["text_mask"], states[1], batch["mlm_labels"])
+        image_terms = self._level(vis[:b], None, batch["text_ids"], states[0], batch["text_mask"], states[1],
+                                  batch["mlm_labels"])
         loss = self._weighted(image_terms)
         out.update(image_terms)
         if has_region:
             region_vis, idx = vis[b:], batch["region_image_idx"]
             tokens, key_mask = concept_tokens(region_vis, idx, batch["region_bbox"], grid)
-            region_terms = self._level(tokens, key_mask, states[2], batch["region_text_mask"], states[3],
+            region_terms = self._level(tokens, key_mask, batch["region_text_ids"], states[2], batch["region_text_mask"],
+                                       states[3],
                                        batch["region_mlm_labels"], box_tokens=region_vis, box_index=idx,
                                        box_target=batch["region_bbox"], valid=region_valid(batch))
             loss = loss + self.region_weight * self._weighted(region_terms)
@@ -137,7 +141,8 @@ class PretrainTask(nn.Module):
     def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
 
-    def _level(self, vis: Tensor, vis_mask: Tensor | None, text: Tensor, text_mask: Tensor, mlm_text: Tensor,
+    def _level(self, vis: Tensor, vis_mask: Tensor | None, text_ids: Tensor, text: Tensor, text_mask: Tensor,
+               mlm_text: Tensor,
                mlm_labels: Tensor, box_tokens: Tensor | None = None, box_index: Tensor | None = None,
                box_target: Tensor | None = None, valid: Tensor | None = None) -> dict[str, Tensor]:
         """ITC + ITM + MLM (+ box) for one granularity; vis [B, 1+N, Dv] with its key mask (None = all);
@@ -147,10 +152,16 @@ class PretrainTask(nn.Module):
         temp = self.temp.clamp(*TEMP_RANGE)
         image_feat = F.normalize(self.vision_proj(vis[:, 0]).float(), dim=-1)
         text_feat = F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)
-        itc, logits_i2t, logits_t2i = itc_loss(image_feat, text_feat, temp, valid)
+        duplicate = same_text(text_ids) if self.exclude_duplicates else None      # [n, world * n]
+        itc, logits_i2t, logits_t2i = itc_loss(image_feat, text_feat, temp, valid, duplicate)
 
-        neg_image, ok_image = sample_hard_negatives(logits_t2i, valid)   # for each text, a hard negative image
-        neg_text, ok_text = sample_hard_negatives(logits_i2t, valid)     # for each image, a hard negative text
+        own = None
+        if duplicate is not None:                                  # this rank's columns, as the logits returned
+            rank = rank_and_world()[0]
+            own = duplicate[:, rank * n:(rank + 1) * n]
+        neg_image, ok_image = sample_hard_negatives(logits_t2i, valid, own)   # for each text, a hard negative image
+        neg_text, ok_text = sample_hard_negatives(logits_i2t, valid, own)     # for each image, a hard negative text
+
         itm_weight = None
         if valid is not None:
             itm_weight = torch.cat([valid, valid & ok_image, valid & ok_text])

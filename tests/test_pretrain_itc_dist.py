@@ -1,4 +1,5 @@
-"""ITC over the global batch: 2 gloo processes with B each == 1 process with 2B (loss and gradients)."""
+"""ITC over the global batch: 2 gloo processes with B each == 1 process with 2B (loss and gradients), with
+padding repeats and with identical texts across ranks."""
 import socket
 
 import pytest
@@ -7,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pretrain.losses import itc_loss
+from pretrain.losses import itc_loss, same_text
 
 B, DIN, E = 3, 6, 5
 
@@ -24,14 +25,17 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 # padding repeats (not real pairs): rank 0 has 2 real pairs, rank 1 only 1 -> uneven counts per rank
 VALID = torch.tensor([True, True, False, True, False, False])
+# token ids: text 0 (rank 0) and text 4 (rank 1) are the same caption, so neither is the other's negative
+IDS = torch.tensor([[101, 5, 102], [101, 6, 102], [101, 7, 102], [101, 8, 102], [101, 5, 102], [101, 9, 102]])
+CASES = ((None, None), (VALID, None), (None, IDS), (VALID, IDS))
 
 
-def step(model, temp, x_img, x_txt, valid=None):
+def step(model, temp, x_img, x_txt, valid=None, ids=None):
     model.zero_grad()
     temp.grad = None
     img = F.normalize(model["img"](x_img), dim=-1)
     txt = F.normalize(model["txt"](x_txt), dim=-1)
-    loss = itc_loss(img, txt, temp, valid)[0]
+    loss = itc_loss(img, txt, temp, valid, None if ids is None else same_text(ids))[0]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, temp.grad.clone()
 
@@ -43,8 +47,9 @@ def worker(rank: int, port: int, out: str) -> None:
     x_img, x_txt = make_data()
     sl = slice(rank * B, (rank + 1) * B)
     results = []
-    for valid in (None, VALID[sl]):
-        loss, grads, tgrad = step(model, temp, x_img[sl], x_txt[sl], valid)
+    for valid, ids in CASES:
+        loss, grads, tgrad = step(model, temp, x_img[sl], x_txt[sl], None if valid is None else valid[sl],
+                                  None if ids is None else ids[sl])
         # what data-parallel training does: average loss (for logging) and gradients over ranks
         dist.all_reduce(loss)
         for g in list(grads.values()) + [tgrad]:
@@ -67,8 +72,9 @@ def test_itc_is_world_size_independent(tmp_path):
     mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
     results = torch.load(out)
     model, temp = make_model(), torch.nn.Parameter(torch.full([1], 0.07))
-    for got, valid in zip(results, (None, VALID)):
-        ref_loss, ref_grads, ref_tgrad = step(model, temp, *make_data(), valid)
+    assert len(results) == len(CASES)
+    for got, (valid, ids) in zip(results, CASES):
+        ref_loss, ref_grads, ref_tgrad = step(model, temp, *make_data(), valid, ids)
         assert torch.allclose(got["loss"], ref_loss, atol=1e-5), valid
         for k, g in ref_grads.items():
             assert torch.allclose(got["grads"][k], g, atol=1e-5), (k, valid)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses import (box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives,
+from pretrain.losses import (box_losses, itc_loss, itm_loss, mlm_loss, same_text, sample_hard_negatives,
                              select_masked_positions)
 
 
@@ -123,6 +123,37 @@ def test_itc_ignores_padding_repeats():
     low = torch.tensor([0.01])
     assert itc_loss(img[rep], img[rep], low, valid)[0].item() < 1e-3
     assert itc_loss(img[rep], img[rep], low)[0].item() > 0.5 * math.log(2)
+
+
+def test_identical_texts_are_not_negatives():
+    ids = torch.tensor([[101, 7, 9, 102, 0], [101, 7, 9, 102, 0], [101, 7, 102, 0, 0], [101, 9, 7, 102, 0]])
+    dup = same_text(ids)
+    assert dup.tolist() == [[True, True, False, False], [True, True, False, False],
+                            [False, False, True, False], [False, False, False, True]]
+    # ITC: texts 0 and 1 are the same caption of two matching images; their cross terms leave the softmax
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    txt[1] = txt[0]
+    temp = torch.tensor([0.1])
+    logits = img @ txt.t() / 0.1
+    keep = ~dup | torch.eye(4, dtype=torch.bool)
+    ref = (F.cross_entropy(logits.masked_fill(~keep, float("-inf")), torch.arange(4))
+           + F.cross_entropy(logits.t().masked_fill(~keep, float("-inf")), torch.arange(4))) / 2
+    got = itc_loss(img, txt, temp, duplicate=dup)[0]
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert got.item() < itc_loss(img, txt, temp)[0].item()       # counted as negatives they only add loss
+    # with padding repeats as well: row 4 repeats row 2 (valid False)
+    rep = torch.tensor([0, 1, 2, 3, 2])
+    valid = torch.arange(5) < 4
+    both = itc_loss(img[rep], txt[rep], temp, valid, same_text(ids[rep]))[0]
+    assert both.item() == pytest.approx(ref.item(), rel=1e-5)
+    # ITM: a duplicate is never drawn as the hard negative, even when it is by far the most similar
+    sim = torch.zeros(4, 4)
+    sim[0, 1] = sim[1, 0] = 1e4
+    picks = torch.stack([sample_hard_negatives(sim, None, dup)[0] for _ in range(100)])
+    assert not (picks[:, :2] < 2).any() and not (picks == torch.arange(4)).any()
+    idx, ok = sample_hard_negatives(sim[:2, :2], None, dup[:2, :2])
+    assert not ok.any()                                          # nothing but duplicates: flagged, left out
 
 
 def test_itm_and_box_losses_weighted():
