@@ -36,7 +36,7 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
     except TypeError as e:          # a timm_kwargs entry the model does not take
         raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
     if cfg.conv_stem:
-        add_conv_stem(model, cfg.conv_stem, cfg.img_size, keep_patchify=cfg.conv_stem_add)
+        add_conv_stem(model, cfg.conv_stem, cfg.img_size, keep_patchify=cfg.conv_stem_add, depth=cfg.conv_stem_depth)
     elif cfg.conv_stem_add:
         raise ConfigError("model.vision.conv_stem_add needs model.vision.conv_stem (the widths of the stem to add)")
     if cfg.checkpoint:
@@ -73,12 +73,13 @@ class SummedEmbed(nn.Module):
         return self.patchify(x) + self.stem(x)
 
 
-def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: bool = False) -> None:
+def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: bool = False, depth: int = 1) -> None:
     """Replace a ViT's patchify layer with a convolutional stem (Xiao et al., "Early Convolutions Help
     Transformers See Better", 2021): one 3x3 stride-2 conv per entry of `widths` (BatchNorm + ReLU between them;
     the last one linear and `embed_dim` wide), so len(widths) convs reach the patch stride (16 = four convs).
     Built from timm's own ConvStem and HybridEmbed; blocks, position embeddings and token grid are unchanged.
-    `keep_patchify`: add the stem's tokens to the patchify layer's instead (SummedEmbed)."""
+    `keep_patchify`: add the stem's tokens to the patchify layer's instead (SummedEmbed). `depth` > 1: that many
+    3x3 convs per width, the first stride 2 and the others stride 1 (a deeper stem, larger receptive field)."""
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer_hybrid import ConvStem
 
@@ -94,7 +95,11 @@ def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: 
                           f"not the model's patch size {patch}")
     if widths[-1] != dim:
         raise ConfigError(f"model.vision.conv_stem: the last width {widths[-1]} must be the embed_dim {dim}")
-    stem = ConvStem(depth=len(widths), channels=tuple(widths), kernel_size=3, stride=(2,) * len(widths), padding=1)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"model.vision.conv_stem_depth: expected an integer >= 1, got {depth!r}")
+    channels = tuple(w for w in widths for _ in range(depth))
+    strides = tuple(2 if i % depth == 0 else 1 for i in range(len(channels)))
+    stem = ConvStem(depth=len(channels), channels=channels, kernel_size=3, stride=strides, padding=1)
     hybrid = HybridEmbed(stem, img_size=img_size, patch_size=1, embed_dim=dim, proj=False)
     model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
 

@@ -149,6 +149,19 @@ def test_conv_stem_add_sums_the_stem_and_the_patchify_tokens():
                                           conv_stem_add=True))
 
 
+def test_conv_stem_depth_adds_stride_one_convs():
+    """model.vision.conv_stem_depth: k convs per width, the first of each stride 2; same token grid."""
+    a = build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
+                                          conv_stem=[24, 48, 96, 192], conv_stem_add=True, conv_stem_depth=2))
+    convs = [m.conv for m in a.patch_embed.stem.backbone]
+    assert [c.stride[0] for c in convs] == [2, 1, 2, 1, 2, 1, 2, 1]
+    assert [c.out_channels for c in convs] == [24, 24, 48, 48, 96, 96, 192, 192]
+    assert vision_tokens(a, torch.randn(2, 3, 64, 64)).shape == (2, 1 + 4 * 4, 192)
+    with pytest.raises(ConfigError, match="conv_stem_depth: expected an integer >= 1"):
+        build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
+                                          conv_stem=[24, 48, 96, 192], conv_stem_depth=0))
+
+
 @pytest.mark.parametrize("widths, msg", [([24, 48, 192], "stride 8, not the model's patch size 16"),
                                          ([24, 48, 96, 100], "last width 100 must be the embed_dim 192"),
                                          ("wide", "list of positive channel widths")])
