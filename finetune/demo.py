@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_SOURCES = (("coco", 1.0), ("vg", 1.0), ("cc3m", 1.0), ("objects365", 0.5))
+STOP_GRACE_S = 120          # how long a stage may take to save its checkpoint after the driver is stopped
+_RUNNING: list[subprocess.Popen] = []     # the stage processes of this driver that have not been waited for
+
+
+def _start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, **kwargs)
+    _RUNNING.append(proc)
+    return proc
+
+
+def stop_stages() -> None:
+    """SIGTERM to every running stage (the training CLIs save a checkpoint and exit: pretrain.preemption), wait up
+    to STOP_GRACE_S for each, then kill what is left. No stage outlives the driver."""
+    for proc in _RUNNING:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in _RUNNING:
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _RUNNING.clear()
+
+
+def _stopped(signum: int, frame) -> None:
+    raise SystemExit(f"error: [demo] stopped by {signal.Signals(signum).name}; the running stages were asked to "
+                     "save a checkpoint and stop")
+
+
+def install_stop_handler() -> None:
+    """SIGTERM (a `kill`, a scheduler's time limit) stops the driver and, through `stop_stages`, its stages."""
+    signal.signal(signal.SIGTERM, _stopped)
 
 
 def stage(msg: str) -> None:
@@ -48,13 +82,18 @@ def run_cli(module: str, args: list[str], log: Path) -> None:
     env = stage_env()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        rc = proc.wait()
+        proc = _start(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                f.write(line)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            rc = proc.wait()
+        except BaseException:
+            stop_stages()
+            raise
+        _RUNNING.remove(proc)
     if rc != 0:
         raise SystemExit(f"error: `python -m {module}` failed with exit code {rc}; log: {log}")
 
@@ -74,11 +113,15 @@ def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> N
         print("$ " + " ".join(cmd) + f"   > {log}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         f = open(log, "w")
-        procs.append((module, log, f, subprocess.Popen(cmd, cwd=ROOT, env=dict(env), stdout=f,
-                                                       stderr=subprocess.STDOUT)))
+        procs.append((module, log, f, _start(cmd, env=dict(env), stdout=f, stderr=subprocess.STDOUT)))
     failed = []
     for module, log, f, proc in procs:
-        rc = proc.wait()
+        try:
+            rc = proc.wait()
+        except BaseException:
+            stop_stages()
+            raise
+        _RUNNING.remove(proc)
         f.close()
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
         print(f"[demo] {log.name}: exit {rc}" + (f"; last line: {tail[0][:200]}" if tail else ""), flush=True)
@@ -250,6 +293,7 @@ def finetune_argv(args: argparse.Namespace, out: Path, init: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = apply_preset(build_parser().parse_args(argv))
+    install_stop_handler()
 
     from finetune.report import read_metrics, write_report
     from shards.demo import build_demo_shards, build_demo_tokenizer
