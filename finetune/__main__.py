@@ -66,7 +66,9 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.run.seed)             # identical initial weights on every rank
     task = build_task(cfg, tokenizer)
     if cfg.init_from:
-        load_pretrained(task.model, cfg.init_from, cfg.init_parts)
+        loaded = load_pretrained(task.model, cfg.init_from, cfg.init_parts)
+        print(f"[finetune] init_from {cfg.init_from}: " + ", ".join(f"{k} {n} tensors" for k, n in loaded.items()),
+              flush=True)
     info = du.discover()
     d = cfg.data
     max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching

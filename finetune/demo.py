@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
               "Fine-tuning (VG-LAW + Mask Grounding)": {
                   init: read_metrics(out / "finetune" / init / "metrics.jsonl") for init in results}}
     timings["total"] = time.perf_counter() - t_all
-    notes = compare_notes(results) + reference_notes(out / "raw" / "refer", splits) + \
-        language_use_notes(out, list(results), splits)
+    notes = init_notes(out / "finetune" / "pretrained") + compare_notes(results) + \
+        reference_notes(out / "raw" / "refer", splits) + language_use_notes(out, list(results), splits)
     by_kind = {init: {split: kind_breakdown(out / "finetune" / init / "eval" / f"{split}.jsonl")
                       for split in results[init]} for init in results}
     report = write_report(out, results=results, manifests=manifests, curves=curves, examples=examples,
@@ -382,6 +382,18 @@ def language_use_notes(out: Path, inits: list[str], splits: list[str]) -> list[s
             notes.append(f"{init}: distinct answers {d['rate']:.2f} over {d['pairs']} pairs of expressions on one "
                          f"image naming different objects (0 = the expression is ignored, 1 = ground truth)")
     return notes
+
+
+def init_notes(run_dir: Path) -> list[str]:
+    """What the pretrained run took from the pretraining export (its config's init_parts), when not everything."""
+    from finetune.config import INIT_PARTS
+    from pretrain.config import read_yaml
+
+    parts = (read_yaml(run_dir / "config.yaml") or {}).get("init_parts", list(INIT_PARTS))
+    if sorted(parts) == sorted(INIT_PARTS):
+        return []
+    return [f"the pretrained run initialises only its {' and '.join(parts)} encoder from the pretraining export "
+            "(init_parts); the rest starts from scratch"]
 
 
 def compare_notes(results: dict) -> list[str]:

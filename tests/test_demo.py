@@ -35,6 +35,10 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
     assert "### By expression kind" in report and "| pretrained | val |" in report.split("### By expression kind")[1]
     assert "## Shard sets" in report and "| refcoco/train |" in report and "excluded_refer" in report
     assert re.search(r"pretrained: distinct answers [01]\.\d\d over \d+ pairs", proc.stdout)
+    # the demo config initialises only the ViT from pretraining (init_parts): said in the log and the report
+    assert re.search(r"\[finetune\] init_from \S+: vision \d+ tensors, text 0 tensors",
+                     (out / "logs" / "finetune_pretrained.log").read_text())
+    assert "initialises only its vision encoder from the pretraining export" in report
     for png in ("curves_0.png", "curves_1.png", "predictions.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
