@@ -69,8 +69,8 @@ def test_presets_fill_what_the_command_line_leaves_unset(tmp_path):
                                                    "--finetune-set", "optim.total_steps=9"]))
     assert args.images == 64 and args.pretrain_config == "configs/pretrain/demo.yaml" and args.side_by_side
     ft = finetune_argv(args, tmp_path, "scratch")
-    assert ft.index("optim.total_steps=4500") < ft.index("optim.total_steps=9")    # the user's override wins
-    assert "optim.total_steps=1500" in pretrain_argv(args, tmp_path)
+    assert ft.index("optim.total_steps=3600") < ft.index("optim.total_steps=9")    # the user's override wins
+    assert "optim.total_steps=1000" in pretrain_argv(args, tmp_path)
     assert f"model.text.tokenizer={tmp_path / 'tokenizer'}" in ft
     gpu = apply_preset(build_parser().parse_args(["--preset", "gpu"]))
     assert gpu.finetune_config == "configs/finetune/demo_gpu.yaml" and not gpu.side_by_side
