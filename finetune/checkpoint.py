@@ -60,7 +60,8 @@ def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def load_pretrained(model: VGLaw, path: str | Path, parts: tuple[str, ...] | list[str] = ("vision", "text")) -> dict[str, int]:
+def load_pretrained(model: VGLaw, path: str | Path,
+                    parts: tuple[str, ...] | list[str] = ("vision", "text")) -> dict[str, int]:
     """Initialise the ViT (`vision.*`, position embeddings resampled) and/or the text encoder (`text.*`) of `model`
     from a pretraining export (`parts`: config `init_parts`). Returns how many tensors each received."""
     sd = _load_weights(path)

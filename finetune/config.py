@@ -231,9 +231,10 @@ class FinetuneConfig:
                 if on:
                     raise ConfigError(f"{key} needs the one-instance head's LAP map, box and mask (model.head: "
                                       f"vglaw); the mdetr head has none of them")
-        if (not isinstance(self.init_parts, list) or not self.init_parts
-                or any(p not in INIT_PARTS for p in self.init_parts) or len(set(self.init_parts)) != len(self.init_parts)):
-            raise ConfigError(f"init_parts: expected a non-empty list of distinct {list(INIT_PARTS)}, got {self.init_parts!r}")
+        parts = self.init_parts
+        if (not isinstance(parts, list) or not parts or any(p not in INIT_PARTS for p in parts)
+                or len(set(parts)) != len(parts)):
+            raise ConfigError(f"init_parts: expected a non-empty list of distinct {list(INIT_PARTS)}, got {parts!r}")
         for key in ("backbone_lr_mult", "law_lr_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -20,8 +20,8 @@ from .fusion import build_fusion_encoder
 from .gather import rank_and_world
 from .heads import MLMHead, build_mlp_head
 from .box_ops import box_cxcywh_to_xyxy, elementwise_iou
-from .losses import (box_losses, itc_loss, itm_loss, mlm_loss, same_text, sample_hard_negatives, select_masked_positions,
-                     weighted_mean)
+from .losses import (box_losses, itc_loss, itm_loss, mlm_loss, same_text, sample_hard_negatives,
+                     select_masked_positions, weighted_mean)
 
 LOSS_NAMES = ("itc", "itm", "mlm", "bbox", "giou")
 TEMP_RANGE = (0.001, 0.5)
@@ -121,8 +121,7 @@ class PretrainTask(nn.Module):
             region_vis, idx = vis[b:], batch["region_image_idx"]
             tokens, key_mask = concept_tokens(region_vis, idx, batch["region_bbox"], grid)
             region_terms = self._level(tokens, key_mask, batch["region_text_ids"], states[2], batch["region_text_mask"],
-                                       states[3],
-                                       batch["region_mlm_labels"], box_tokens=region_vis, box_index=idx,
+                                       states[3], batch["region_mlm_labels"], box_tokens=region_vis, box_index=idx,
                                        box_target=batch["region_bbox"], valid=region_valid(batch))
             loss = loss + self.region_weight * self._weighted(region_terms)
             out.update({f"region_{k}" if k not in ("bbox", "giou") else k: v for k, v in region_terms.items()})
@@ -142,8 +141,7 @@ class PretrainTask(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
 
     def _level(self, vis: Tensor, vis_mask: Tensor | None, text_ids: Tensor, text: Tensor, text_mask: Tensor,
-               mlm_text: Tensor,
-               mlm_labels: Tensor, box_tokens: Tensor | None = None, box_index: Tensor | None = None,
+               mlm_text: Tensor, mlm_labels: Tensor, box_tokens: Tensor | None = None, box_index: Tensor | None = None,
                box_target: Tensor | None = None, valid: Tensor | None = None) -> dict[str, Tensor]:
         """ITC + ITM + MLM (+ box) for one granularity; vis [B, 1+N, Dv] with its key mask (None = all);
         the box loss attends text i to box_tokens[box_index[i]] (whole images, all tokens). `valid` [B] marks

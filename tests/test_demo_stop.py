@@ -24,8 +24,9 @@ def _pids_with(marker: str) -> list[int]:
 def test_sigterm_stops_the_running_stage(tmp_path):
     marker = f"stage_marker_{os.getpid()}"
     # the stage: a child `python -m timeit` that would run for minutes, tagged with a marker in its arguments
+    stage_args = ["-n", "1000000000", "-s", f"{marker} = 1", "pass"]
     script = (f"from pathlib import Path; from finetune import demo; demo.install_stop_handler(); "
-              f"demo.run_cli('timeit', ['-n', '1000000000', '-s', '{marker!s} = 1', 'pass'], Path({str(tmp_path)!r}) / 'stage.log')")
+              f"demo.run_cli('timeit', {stage_args!r}, Path({str(tmp_path)!r}) / 'stage.log')")
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
