@@ -21,8 +21,8 @@ def same_text(text_ids: Tensor) -> Tensor:
     Synthetic region captions repeat within a batch ("red triangle" for two red triangles; two thirds of the demo's
     region texts share their caption with another one), and real captions do too ("a man"). A pair whose texts are
     identical is a match both ways, so it must be neither an ITC negative nor an ITM hard negative: counted as a
-    negative, it teaches the matching head that a text does not match its own image (measured: ITM then stays at
-    the constant answer)."""
+    negative, it is a wrong label (this text does not match its own kind of image). Measured on the demo at 400
+    steps (held-out pairs): no change yet in ITM (constant either way) or region R@1 (0.36 vs 0.35)."""
     every = all_gather_no_grad(text_ids)
     return (text_ids[:, None, :] == every[None, :, :]).all(dim=-1)
 
