@@ -50,6 +50,10 @@ def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"init_from: no config.yaml found next to {cfg.init_from}")
     pre = from_dict(PretrainModelConfig, read_yaml(found).get("model") or {}, prefix="model.")
     cfg = copy.deepcopy(cfg)
+    own = cfg.model.text.tokenizer
+    if own and pre.text.tokenizer and Path(own).resolve() != Path(pre.text.tokenizer).resolve():
+        print(f"[finetune] model.text.tokenizer={own} is not used: the pretrained text weights are indexed by the "
+              f"pretraining run's tokenizer, {pre.text.tokenizer}", flush=True)
     cfg.model.vision = pre.vision
     cfg.model.vision.img_size = cfg.data.image_size
     cfg.model.vision.checkpoint = None

@@ -1,6 +1,7 @@
 """Fine-tuning configs, initialisation from a pretraining export, and the train -> evaluate -> predict CLIs."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -60,10 +61,21 @@ def pretrain_export(tmp_path_factory):
     return exp, task
 
 
-def test_init_from_pretraining_export(pretrain_export):
+def test_init_from_pretraining_export(pretrain_export, capsys):
     exp, pre = pretrain_export
     cfg = from_dict(FinetuneConfig, {**FT, "init_from": str(exp.parent)})
     cfg = adopt_pretrained_architecture(cfg)
+    assert "is not used" not in capsys.readouterr().out
+    # a run that names its tokenizer: another one given to the fine-tuning is said to be unused, and replaced
+    named = exp.parent / "named"
+    named.mkdir(exist_ok=True)
+    pre_cfg = copy.deepcopy(pre.cfg)
+    pre_cfg.model.text.tokenizer = str(named / "tok")
+    save_config(pre_cfg, named / "config.yaml")
+    other = from_dict(FinetuneConfig, {**FT, "init_from": str(named),
+                                       "model": {**FT["model"], "text": {"tokenizer": "/elsewhere"}}})
+    assert adopt_pretrained_architecture(other).model.text.tokenizer == str(named / "tok")
+    assert "model.text.tokenizer=/elsewhere is not used" in capsys.readouterr().out
     assert cfg.model.text.hidden_size == 64 and cfg.model.vision.name == "vit_tiny_patch16_224"
     assert cfg.model.vision.img_size == 64                          # fine-tuning resolution kept
     task = build_task(cfg)
