@@ -16,6 +16,7 @@ Every stage runs the same command line a user would (`python -m shards ...`, `py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_SOURCES = (("coco", 1.0), ("vg", 1.0), ("cc3m", 1.0), ("objects365", 0.5))
 STOP_GRACE_S = 120          # how long a stage may take to save its checkpoint after the driver is stopped
-_RUNNING: list[subprocess.Popen] = []     # the stage processes of this driver that have not been waited for
+_RUNNING: list[subprocess.Popen] = []     # the stage processes this driver started and may still have to stop
 
 
 def _start(cmd: list[str], **kwargs) -> subprocess.Popen:
@@ -49,6 +50,19 @@ def stop_stages() -> None:
             proc.kill()
             proc.wait()
     _RUNNING.clear()
+
+
+@contextlib.contextmanager
+def stopping_stages_on_error():
+    """Leaving the block by an exception (a stop signal included) stops the stages started inside it
+    (`stop_stages`); either way, the ones that have ended are forgotten."""
+    try:
+        yield
+    except BaseException:
+        stop_stages()
+        raise
+    finally:
+        _RUNNING[:] = [p for p in _RUNNING if p.poll() is None]
 
 
 def _stopped(signum: int, frame) -> None:
@@ -81,19 +95,14 @@ def run_cli(module: str, args: list[str], log: Path) -> None:
     print("$ " + " ".join(cmd), flush=True)
     env = stage_env()
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
+    with open(log, "w") as f, stopping_stages_on_error():
         proc = _start(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                f.write(line)
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            rc = proc.wait()
-        except BaseException:
-            stop_stages()
-            raise
-        _RUNNING.remove(proc)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        rc = proc.wait()
     if rc != 0:
         raise SystemExit(f"error: `python -m {module}` failed with exit code {rc}; log: {log}")
 
@@ -107,26 +116,22 @@ def run_side_by_side(jobs: list[tuple[str, list[str], Path]], threads: int) -> N
     from pretrain.distributed import free_ports
 
     ports = free_ports(len(jobs))              # each single-process run opens a process group: never one port
-    for (module, args, log), port in zip(jobs, ports):
-        env["MASTER_PORT"] = str(port)
-        cmd = [sys.executable, "-m", module, *args]
-        print("$ " + " ".join(cmd) + f"   > {log}", flush=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        f = open(log, "w")
-        procs.append((module, log, f, _start(cmd, env=dict(env), stdout=f, stderr=subprocess.STDOUT)))
-    failed = []
-    for module, log, f, proc in procs:
-        try:
+    with stopping_stages_on_error():
+        for (module, args, log), port in zip(jobs, ports):
+            env["MASTER_PORT"] = str(port)
+            cmd = [sys.executable, "-m", module, *args]
+            print("$ " + " ".join(cmd) + f"   > {log}", flush=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            f = open(log, "w")
+            procs.append((module, log, f, _start(cmd, env=dict(env), stdout=f, stderr=subprocess.STDOUT)))
+        failed = []
+        for module, log, f, proc in procs:
             rc = proc.wait()
-        except BaseException:
-            stop_stages()
-            raise
-        _RUNNING.remove(proc)
-        f.close()
-        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        print(f"[demo] {log.name}: exit {rc}" + (f"; last line: {tail[0][:200]}" if tail else ""), flush=True)
-        if rc != 0:
-            failed.append(f"`python -m {module}` failed with exit code {rc}; log: {log}")
+            f.close()
+            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+            print(f"[demo] {log.name}: exit {rc}" + (f"; last line: {tail[0][:200]}" if tail else ""), flush=True)
+            if rc != 0:
+                failed.append(f"`python -m {module}` failed with exit code {rc}; log: {log}")
     if failed:
         raise SystemExit("error: " + "; ".join(failed))
 
@@ -197,7 +202,8 @@ def kind_breakdown(dump: Path, key=None) -> dict[str, dict]:
 # What each --preset runs; command-line flags win, and --pretrain-set / --finetune-set come after the preset's
 # own overrides. `long` is the demo's model trained longer on more data, sized from the demo's measured step
 # times (2 cores: pretraining 0.70 s a step, the two fine-tuning runs side by side 0.68 s a step + 40 s an
-# evaluation): 1,000 + 3,600 steps, about 57 minutes; `gpu` is a ViT-S/16 at 224 px with the real MiniLM text encoder (configs/*/demo_gpu.yaml).
+# evaluation): 1,000 + 3,600 steps, about 57 minutes; `gpu` is a ViT-S/16 at 224 px with the real MiniLM text
+# encoder (configs/*/demo_gpu.yaml).
 PRESETS = {
     "demo": {"images": 1280, "pretrain_config": "configs/pretrain/demo.yaml",
              "finetune_config": "configs/finetune/demo.yaml", "side_by_side": True,
