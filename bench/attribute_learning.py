@@ -1,0 +1,213 @@
+"""How fast does a backbone learn what the expressions name? Object shape and colour under direct supervision.
+
+    python bench/attribute_learning.py --data runs/demo                       # the demo fine-tuning config's ViT
+    python bench/attribute_learning.py --data runs/demo --cnn resnet18        # a plain CNN, the reference
+    python bench/attribute_learning.py --data runs/demo --init runs/demo/pretrain --frozen   # what pretraining taught
+    python bench/attribute_learning.py --data runs/demo --lr 3e-4 model.vision.pos_embed_init=random
+
+The grounding losses teach the backbone an object's shape only indirectly (through which object an expression
+names), and bench/learning.py takes ten minutes a point. This bench asks the backbone question alone, about ten
+times cheaper: the fine-tuning config's backbone (plus dotted overrides; LAW conditioned on one neutral
+expression, --text) is trained on the synthetic refcoco `train` split, one target object per item, with the
+training augmentation, to classify the object's shape and its colour from the mask-weighted mean of its final
+tokens (two linear heads, AdamW, batch --batch). Every steps/evals steps it scores held-out `val` objects (one
+item per object, at most --objects). `--cnn NAME`: a timm CNN's stride-16 features instead of the ViT (a
+reference for what is learnable from this data at this budget). `--init RUN`: start the ViT from a pretraining
+export; `--frozen`: train only the heads (a linear probe of what the export already encodes).
+
+Prints one line per evaluation (train loss, held-out shape and colour accuracy, chance, seconds); the last line is
+one JSON object. Runs with one thread (--threads); two settings compare side by side as two processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class AttributeReader(torch.nn.Module):
+    """Backbone -> tokens on a grid -> mask-weighted mean over the object -> shape and colour logits."""
+
+    def __init__(self, model, cnn: torch.nn.Module | None, n_shapes: int, n_colours: int, text: dict) -> None:
+        super().__init__()
+        self.model, self.cnn, self.n_shapes = model, cnn, n_shapes
+        width = cnn.feature_info.channels()[-1] if cnn is not None else model.vision.embed_dim
+        self.head = torch.nn.Linear(width, n_shapes + n_colours)
+        self.register_buffer("ids", text["input_ids"], persistent=False)
+        self.register_buffer("mask", text["attention_mask"], persistent=False)
+
+    def tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.cnn is not None:
+            f = self.cnn(image)[-1]
+            return f.flatten(2).transpose(1, 2), tuple(f.shape[-2:])
+        B = image.shape[0]
+        ids, mask = self.ids.expand(B, -1), self.mask.expand(B, -1)
+        return self.model.vision(image, self.model.encode_text(ids, mask), mask)
+
+    def forward(self, image: torch.Tensor, obj_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, (H, W) = self.tokens(image)
+        cover = F.adaptive_avg_pool2d(obj_mask[:, None], (H, W)).flatten(1)[..., None]
+        pooled = (tok * cover).sum(1) / cover.sum(1).clamp_min(1e-6)
+        logits = self.head(pooled)
+        return logits[:, : self.n_shapes], logits[:, self.n_shapes:]
+
+
+def object_labels(data: Path) -> dict[int, tuple[str, str]]:
+    """ann_id -> (shape, colour), from the synthetic refcoco instances file ("red circle")."""
+    from shards.refer import load_instances
+
+    inst = load_instances(data / "raw" / "refer" / "refcoco" / "instances.json")
+    cat = {int(c["id"]): c["name"].split() for c in inst["categories"]}
+    return {int(a["id"]): (cat[int(a["category_id"])][-1], cat[int(a["category_id"])][0])
+            for a in inst["annotations"]}
+
+
+def build_reader(args: argparse.Namespace, tok, shapes: list[str], colours: list[str]) -> AttributeReader:
+    from finetune.checkpoint import load_pretrained
+    from finetune.config import FinetuneConfig
+    from finetune.task import build_model
+    from pretrain.config import load_config
+
+    cfg = load_config(FinetuneConfig, args.config, ["init_from=null"] + list(args.overrides))
+    model = build_model(cfg.model, len(tok))
+    if args.init:
+        load_pretrained(model, args.init, ["vision"])
+    cnn = None
+    if args.cnn:
+        import timm
+
+        probe = timm.create_model(args.cnn, pretrained=False, features_only=True)
+        stride16 = probe.feature_info.reduction().index(16)   # the ViT's token grid
+        cnn = timm.create_model(args.cnn, pretrained=False, features_only=True, out_indices=(stride16,))
+    text = tok(args.text, padding="max_length", max_length=cfg.data.max_len, truncation=True, return_tensors="pt")
+    reader = AttributeReader(model, cnn, len(shapes), len(colours), text)
+    if args.frozen:
+        for p in list(model.parameters()) + ([] if cnn is None else list(cnn.parameters())):
+            p.requires_grad_(False)
+    return reader, cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    from shards.index import GroundingDataset, collate_grounding
+    from shards.text import build_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = build_tokenizer(str(args.data / "tokenizer"))
+    labels = object_labels(args.data)
+    shapes = sorted({s for s, _ in labels.values()})
+    colours = sorted({c for _, c in labels.values()})
+    reader, cfg = build_reader(args, tok, shapes, colours)
+    size, max_len = cfg.data.image_size, cfg.data.max_len
+    shard = args.data / "shards" / "refcoco"
+    train = GroundingDataset(shard / "train", tok, train=True, image_size=size, max_len=max_len, seed=args.seed)
+    val = GroundingDataset(shard / "val", tok, train=False, image_size=size, max_len=max_len)
+
+    def targets(ds, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        lab = [labels[int(ds.target(i)["ann_id"])] for i in idx]
+        return (torch.tensor([shapes.index(s) for s, _ in lab]), torch.tensor([colours.index(c) for _, c in lab]))
+
+    seen, held = set(), []
+    for i in range(len(val)):
+        a = int(val.target(i)["ann_id"])
+        if a not in seen and len(held) < args.objects:
+            seen.add(a)
+            held.append(i)
+    held_shape, held_colour = targets(val, held)
+
+    @torch.no_grad()
+    def evaluate() -> tuple[float, float]:
+        reader.eval()
+        ps, pc = [], []
+        for j in range(0, len(held), 32):
+            b = collate_grounding([val[i] for i in held[j: j + 32]])
+            s, c = reader(b["image"], b["mask"])
+            ps.append(s.argmax(1))
+            pc.append(c.argmax(1))
+        reader.train(not args.frozen)
+        return ((torch.cat(ps) == held_shape).float().mean().item(),
+                (torch.cat(pc) == held_colour).float().mean().item())
+
+    head = list(reader.head.parameters())
+    backbone = [p for p in reader.parameters() if p.requires_grad and all(p is not h for h in head)]
+    opt = torch.optim.AdamW([{"params": backbone, "lr": args.lr * args.backbone_lr_mult},
+                             {"params": head, "lr": args.lr}], weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    reader.train(not args.frozen)
+    gen = torch.Generator().manual_seed(args.seed)
+    every = max(1, args.steps // args.evals)
+    curve, losses, t0 = [], [], time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(train), (args.batch,), generator=gen).tolist()
+        batch = collate_grounding([train[i] for i in idx])
+        ys, yc = targets(train, idx)
+        s, c = reader(batch["image"], batch["mask"])
+        loss = F.cross_entropy(s, ys) + F.cross_entropy(c, yc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % every == 0 or step == args.steps:
+            shape_acc, colour_acc = evaluate()
+            recent = losses[-every:]
+            point = {"step": step, "loss": sum(recent) / len(recent), "shape": shape_acc, "colour": colour_acc,
+                     "seconds": round(time.time() - t0, 1)}
+            curve.append(point)
+            print(f"step {step:5d}  loss {point['loss']:.3f}  held-out shape {shape_acc:.3f} "
+                  f"(chance {1 / len(shapes):.2f})  colour {colour_acc:.3f} (chance {1 / len(colours):.2f})  "
+                  f"{point['seconds']:.0f} s", flush=True)
+    return {"config": args.config, "overrides": list(args.overrides), "cnn": args.cnn or None,
+            "init": args.init or None, "frozen": args.frozen, "lr": args.lr,
+            "backbone_lr_mult": args.backbone_lr_mult, "objects": len(held), "curve": curve}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="a `shards demo` / bench/learning.py data dir")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "finetune" / "demo.yaml"))
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--evals", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--backbone-lr-mult", type=float, default=1.0)
+    ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    ap.add_argument("--text", default="the shape", help="the neutral expression LAW conditions the tokens on")
+    ap.add_argument("--objects", type=int, default=400, help="held-out val objects scored")
+    ap.add_argument("--cnn", default="", help="a timm CNN (e.g. resnet18) instead of the config's ViT")
+    ap.add_argument("--init", default="", help="a pretraining run or export to start the ViT from")
+    ap.add_argument("--frozen", action="store_true", help="train the heads only (a linear probe)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides (model.vision.pos_embed_init=random)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pretrain.config import ConfigError
+    from shards.inputs import InputError
+
+    if not (args.data / "tokenizer" / "vocab.txt").is_file():
+        print(f"error: {args.data}: no tokenizer/vocab.txt (not a `shards demo` or bench/learning.py data dir)",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except (ConfigError, InputError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

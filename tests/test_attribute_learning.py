@@ -1,0 +1,44 @@
+"""bench/attribute_learning.py: the reader pools exactly the object's cells of the token grid, and its two heads
+split the logits into shape and colour."""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from attribute_learning import AttributeReader  # noqa: E402
+
+
+class _Grid(nn.Module):
+    """A stand-in CNN: the image's mean over 16x16 cells as a 3-channel stride-16 feature map."""
+
+    class _Info:
+        @staticmethod
+        def channels():
+            return [3]
+
+    feature_info = _Info()
+
+    def forward(self, x):
+        return [nn.functional.avg_pool2d(x, 16)]
+
+
+def test_reader_pools_the_object_cells_only():
+    text = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    reader = AttributeReader(None, _Grid(), n_shapes=5, n_colours=6, text=text)
+    with torch.no_grad():
+        reader.head.weight.copy_(torch.zeros(11, 3))
+        reader.head.weight[0, 0] = 1.0                   # shape logit 0 = channel 0 of the pooled feature
+        reader.head.weight[5, 1] = 1.0                   # colour logit 0 = channel 1
+        reader.head.bias.zero_()
+    image = torch.zeros(2, 3, 64, 64)
+    image[:, 0, :16, :16] = 4.0                          # cell (0, 0): channel 0 = 4
+    image[:, 1, 32:, 32:] = 2.0                          # cells (2..3, 2..3): channel 1 = 2
+    mask = torch.zeros(2, 64, 64)
+    mask[0, :16, :16] = 1                                # sample 0: the object is cell (0, 0)
+    mask[1, 32:48, 32:64] = 1                            # sample 1: cells (2, 2) and (2, 3)
+    shape, colour = reader(image, mask)
+    assert shape.shape == (2, 5) and colour.shape == (2, 6)
+    assert torch.allclose(shape[:, 0], torch.tensor([4.0, 0.0]))
+    assert torch.allclose(colour[:, 0], torch.tensor([0.0, 2.0]))
