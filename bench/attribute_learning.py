@@ -1,6 +1,7 @@
 """How fast does a backbone learn what the expressions name? Object shape and colour under direct supervision.
 
-    python bench/attribute_learning.py --data runs/demo                       # the demo fine-tuning config's ViT
+    python bench/attribute_learning.py                                        # the demo config's ViT, data drawn once
+    python bench/attribute_learning.py --data runs/demo                       # on the demo's data
     python bench/attribute_learning.py --data runs/demo --cnn resnet18        # a plain CNN, the reference
     python bench/attribute_learning.py --data runs/demo --init runs/demo/pretrain --frozen   # what pretraining taught
     python bench/attribute_learning.py --data runs/demo --lr 3e-4 model.vision.pos_embed_init=random
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))   # after the project root: bench/shards.py must not shadow the package
 
 
 class AttributeReader(torch.nn.Module):
@@ -172,7 +174,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="a `shards demo` / bench/learning.py data dir")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a `shards demo` / bench/learning.py data dir (default: draw --images under --out/data)")
+    ap.add_argument("--images", type=int, default=1280, help="synthetic COCO images when drawing data")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data drawn")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learning")
     ap.add_argument("--config", default=str(ROOT / "configs" / "finetune" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--evals", type=int, default=4)
@@ -196,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError
     from shards.inputs import InputError
 
+    if args.data is None:               # the same data bench/learning.py draws and keeps
+        from learning import build_data
+
+        args.data = build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}", args.data_seed,
+                               args.images)
     if not (args.data / "tokenizer" / "vocab.txt").is_file():
         print(f"error: {args.data}: no tokenizer/vocab.txt (not a `shards demo` or bench/learning.py data dir)",
               file=sys.stderr)
