@@ -55,11 +55,17 @@ class AttributeReader(torch.nn.Module):
         return self.model.vision(image, self.model.encode_text(ids, mask), mask)
 
     def forward(self, image: torch.Tensor, obj_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tok, (H, W) = self.tokens(image)
-        cover = F.adaptive_avg_pool2d(obj_mask[:, None], (H, W)).flatten(1)[..., None]
-        pooled = (tok * cover).sum(1) / cover.sum(1).clamp_min(1e-6)
-        logits = self.head(pooled)
+        tok, hw = self.tokens(image)
+        logits = self.head(object_mean(tok, hw, obj_mask)[0])
         return logits[:, : self.n_shapes], logits[:, self.n_shapes:]
+
+
+def object_mean(tokens: torch.Tensor, hw: tuple[int, int], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B,N,C] on grid hw, object masks [B,S,S] -> (the mean of the tokens weighted by how much of each grid
+    cell the object covers [B,C], the total cover [B]; an object that covers no cell gets zeros)."""
+    cover = F.adaptive_avg_pool2d(masks[:, None].float(), hw).flatten(1)[..., None]
+    total = cover.sum(1)
+    return (tokens * cover).sum(1) / total.clamp_min(1e-6), total[:, 0]
 
 
 def object_labels(data: Path) -> dict[int, tuple[str, str]]:
@@ -113,17 +119,18 @@ def run(args: argparse.Namespace) -> dict:
     train = GroundingDataset(shard / "train", tok, train=True, image_size=size, max_len=max_len, seed=args.seed)
     val = GroundingDataset(shard / "val", tok, train=False, image_size=size, max_len=max_len)
 
-    def targets(ds, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        lab = [labels[int(ds.target(i)["ann_id"])] for i in idx]
-        return (torch.tensor([shapes.index(s) for s, _ in lab]), torch.tensor([colours.index(c) for _, c in lab]))
+    def item_targets(ds) -> tuple[list[int], torch.Tensor]:
+        """(each item's ann_id, its [shape, colour] class indices [len(ds), 2]), read once."""
+        anns = [int(ds.target(i)["ann_id"]) for i in range(len(ds))]
+        return anns, torch.tensor([[shapes.index(labels[a][0]), colours.index(labels[a][1])] for a in anns])
 
-    seen, held = set(), []
-    for i in range(len(val)):
-        a = int(val.target(i)["ann_id"])
-        if a not in seen and len(held) < args.objects:
-            seen.add(a)
-            held.append(i)
-    held_shape, held_colour = targets(val, held)
+    _, train_targets = item_targets(train)
+    val_anns, val_targets = item_targets(val)
+    first: dict[int, int] = {}          # object -> its first item, in the order the objects first appear
+    for i, a in enumerate(val_anns):
+        first.setdefault(a, i)
+    held = list(first.values())[: args.objects]
+    held_shape, held_colour = val_targets[held].unbind(1)
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
@@ -150,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(train), (args.batch,), generator=gen).tolist()
         batch = collate_grounding([train[i] for i in idx])
-        ys, yc = targets(train, idx)
+        ys, yc = train_targets[idx].unbind(1)
         s, c = reader(batch["image"], batch["mask"])
         loss = F.cross_entropy(s, ys) + F.cross_entropy(c, yc)
         opt.zero_grad(set_to_none=True)
@@ -202,19 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError
     from shards.inputs import InputError
 
-    if args.data is None:               # the same data bench/learning.py draws and keeps
-        from learning import build_data
+    from learning import resolve_data
 
-        args.data = build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}", args.data_seed,
-                               args.images)
-    if not (args.data / "tokenizer" / "vocab.txt").is_file():
-        print(f"error: {args.data}: no tokenizer/vocab.txt (not a `shards demo` or bench/learning.py data dir)",
-              file=sys.stderr)
-        return 2
     try:
+        args.data = resolve_data(args)          # the same data bench/learning.py draws and keeps
+        if not (args.data / "tokenizer" / "vocab.txt").is_file():
+            raise InputError(args.data, "no tokenizer/vocab.txt (not a `shards demo` or bench/learning.py data dir)")
         result = run(args)
-    except (ConfigError, InputError, OSError) as e:
+    except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                        # an --out that cannot be written
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))
     return 0

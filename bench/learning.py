@@ -58,6 +58,20 @@ def build_data(out: Path, seed: int, images: int, dataset: str = "refcoco") -> P
     return out
 
 
+def resolve_data(args: argparse.Namespace, dataset: str = "refcoco") -> Path:
+    """--data, checked, or the synthetic set drawn once under --out/data (--data-seed, --images)."""
+    from shards.inputs import InputError
+
+    suffix = "" if dataset == "refcoco" else f"-{dataset}"      # its own tokenizer covers its words
+    data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}{suffix}",
+                                   args.data_seed, args.images, dataset)
+    for part in ("raw/refer", f"shards/{dataset}", "tokenizer"):
+        if not (data / part).is_dir():
+            raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder"
+                             + (" (with shards/grefcoco for --dataset grefcoco)" if dataset != "refcoco" else ""))
+    return data
+
+
 def finetune_cmd(args: argparse.Namespace, data: Path, run_dir: Path, overrides: list[str]) -> list[str]:
     every = max(1, args.steps // args.evals)
     cmd = [sys.executable, "-m", "finetune", "--config", args.config, f"run.out_dir={run_dir}",
@@ -262,16 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from finetune.demo import attribute_cue
     from finetune.references import language_blind_references, ref_targets
-    from shards.inputs import InputError
     from shards.synthetic_text import parse
 
-    suffix = "" if args.dataset == "refcoco" else f"-{args.dataset}"      # its own tokenizer covers its words
-    data = args.data or build_data(args.out / "data" / f"seed{args.data_seed}-images{args.images}{suffix}",
-                                   args.data_seed, args.images, args.dataset)
-    for part in ("raw/refer", f"shards/{args.dataset}", "tokenizer"):
-        if not (data / part).is_dir():
-            raise InputError(data, f"no {part}/ here: --data takes a `python -m shards demo` output folder"
-                             + (" (with shards/grefcoco for --dataset grefcoco)" if args.dataset != "refcoco" else ""))
+    data = resolve_data(args, args.dataset)
     refs = ({s: language_blind_references(data / "raw" / "refer", s, by_kind=lambda t: parse(t).kind,
                                           groupings={"cues": attribute_cue}) for s in SPLITS}
             if args.dataset == "refcoco" else {})

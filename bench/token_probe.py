@@ -23,11 +23,13 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))   # after the project root: bench/shards.py must not shadow the package
+from attribute_learning import object_labels, object_mean  # noqa: E402
 
 
 @torch.no_grad()
-def object_features(model, cfg, tok, shard_dir: Path, categories: dict[int, str], limit: int, text: str):
-    """-> features [n, C] (mask-weighted mean of the final visual tokens) and the category names of n objects."""
+def object_features(model, cfg, tok, shard_dir: Path, labels: dict[int, tuple[str, str]], limit: int, text: str):
+    """-> features [n, C] (mask-weighted mean of the final visual tokens) and the (shape, colour) of n objects."""
     from shards.index import GroundingDataset
 
     ds = GroundingDataset(str(shard_dir), tok, train=False, image_size=cfg.data.image_size)
@@ -41,12 +43,12 @@ def object_features(model, cfg, tok, shard_dir: Path, categories: dict[int, str]
             continue
         seen.add(t["ann_id"])
         item = ds[i]
-        vis, (H, W) = model.vision(item["image"][None].float(), words, msk)
-        cover = F.adaptive_avg_pool2d(item["mask"][None, None].float(), (H, W))[0, 0]
-        if cover.sum() <= 0:
+        vis, hw = model.vision(item["image"][None].float(), words, msk)
+        feat, cover = object_mean(vis, hw, item["mask"][None])
+        if cover[0] <= 0:
             continue
-        feats.append((vis[0].reshape(H, W, -1) * cover[..., None]).sum((0, 1)) / cover.sum())
-        names.append(categories[int(t["ann_id"])])
+        feats.append(feat[0])
+        names.append(labels[int(t["ann_id"])])
         if len(feats) >= limit:
             break
     return torch.stack(feats).float(), names
@@ -88,24 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from finetune.checkpoint import load_finetuned
     from shards.inputs import InputError
-    from shards.refer import load_instances
 
     torch.set_num_threads(args.threads)
     try:
-        inst = load_instances(args.data / "raw" / "refer" / "refcoco" / "instances.json")
+        labels = object_labels(args.data)
         model, cfg, tok = load_finetuned(args.run)
     except (InputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.eval()
-    cat = {int(c["id"]): c["name"] for c in inst["categories"]}
-    categories = {int(a["id"]): cat[int(a["category_id"])] for a in inst["annotations"]}
     shards = args.data / "shards" / "refcoco"
-    x_tr, n_tr = object_features(model, cfg, tok, shards / "train", categories, args.objects, args.text)
-    x_va, n_va = object_features(model, cfg, tok, shards / "val", categories, args.objects, args.text)
+    x_tr, n_tr = object_features(model, cfg, tok, shards / "train", labels, args.objects, args.text)
+    x_va, n_va = object_features(model, cfg, tok, shards / "val", labels, args.objects, args.text)
     result = {"run": str(args.run), "objects": {"train": len(n_tr), "val": len(n_va)}, "text": args.text}
-    for label, part in (("colour", 0), ("shape", -1)):
-        r = linear_probe(x_tr, [n.split()[part] for n in n_tr], x_va, [n.split()[part] for n in n_va])
+    for label, part in (("colour", 1), ("shape", 0)):
+        r = linear_probe(x_tr, [n[part] for n in n_tr], x_va, [n[part] for n in n_va])
         result[label] = r
         print(f"{label:7s} train {r['train']:.3f}  val {r['val']:.3f}  chance {r['chance']:.3f}")
     print(json.dumps(result))
