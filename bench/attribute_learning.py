@@ -14,7 +14,9 @@ training augmentation, to classify the object's shape and its colour from the ma
 tokens (two linear heads, AdamW, batch --batch). Every steps/evals steps it scores held-out `val` objects (one
 item per object, at most --objects). `--cnn NAME`: a timm CNN's stride-16 features instead of the ViT (a
 reference for what is learnable from this data at this budget). `--init RUN`: start the ViT from a pretraining
-export; `--frozen`: train only the heads (a linear probe of what the export already encodes).
+export; `--frozen`: train only the heads (a linear probe of what the export already encodes). `--save DIR`: write
+the trained ViT and text encoder as a pretraining-style export (DIR/export/{model.safetensors, config.yaml}) that
+`init_from` / bench/learning.py `--init` read: fine-tuning from a backbone that was told shapes.
 
 Prints one line per evaluation (train loss, held-out shape and colour accuracy, chance, seconds); the last line is
 one JSON object. Runs with one thread (--threads); two settings compare side by side as two processes.
@@ -174,9 +176,39 @@ def run(args: argparse.Namespace) -> dict:
             print(f"step {step:5d}  loss {point['loss']:.3f}  held-out shape {shape_acc:.3f} "
                   f"(chance {1 / len(shapes):.2f})  colour {colour_acc:.3f} (chance {1 / len(colours):.2f})  "
                   f"{point['seconds']:.0f} s", flush=True)
+    if args.save:
+        save_backbone(reader, cfg, args.data / "tokenizer", args.save)
     return {"config": args.config, "overrides": list(args.overrides), "cnn": args.cnn or None,
             "init": args.init or None, "frozen": args.frozen, "lr": args.lr,
             "backbone_lr_mult": args.backbone_lr_mult, "objects": len(held), "curve": curve}
+
+
+def save_backbone(reader: AttributeReader, cfg, tokenizer: Path, out: Path) -> Path:
+    """out/export/{model.safetensors, config.yaml} in the pretraining export's layout: `vision.*` (the timm ViT),
+    `text.*` (the text encoder) and the model section, its tokenizer the data's (the text weights index it)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    import yaml
+
+    from pretrain.config import to_dict
+
+    if reader.cnn is not None:
+        raise ValueError("--save needs the config's ViT, not --cnn")
+    model = reader.model
+    sd = {f"vision.{k}": v for k, v in model.vision.vit.state_dict().items()}
+    sd.update({f"text.{k}": v for k, v in model.text.state_dict().items()})
+    export = out / "export"
+    export.mkdir(parents=True, exist_ok=True)
+    tmp = export / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(export / "model.safetensors")
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.text.tokenizer = str(tokenizer.resolve())
+    model_section = {"vision": to_dict(mcfg.vision), "text": to_dict(mcfg.text)}
+    (export / "config.yaml").write_text(yaml.safe_dump({"model": model_section}, sort_keys=False))
+    return export
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,6 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cnn", default="", help="a timm CNN (e.g. resnet18) instead of the config's ViT")
     ap.add_argument("--init", default="", help="a pretraining run or export to start the ViT from")
     ap.add_argument("--frozen", action="store_true", help="train the heads only (a linear probe)")
+    ap.add_argument("--save", type=Path, default=None, help="write the trained ViT + text encoder as an export here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (model.vision.pos_embed_init=random)")

@@ -41,8 +41,9 @@ class VisionConfig:
     timm_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
     pos_embed_init: str = "random"          # random (timm's) | sincos (MAE's 2D sin-cos, still learnt); no checkpoint only
     conv_stem: list = field(default_factory=list)  # [] = timm's patchify; widths of 3x3/2 convs instead (ViT_C)
-    conv_stem_add: bool = False             # keep the patchify too and add the two (pretrain.encoders.SummedEmbed)
+    conv_stem_add: bool = False             # keep the patchify too and add the stem's tokens (encoders.SummedEmbed)
     conv_stem_depth: int = 1                # 3x3 convs per conv_stem width: one stride-2, the others stride 1
+    cnn_trunk: str = ""                     # a timm CNN whose patch-stride features are the stem (hybrid ViT)
 
 
 @dataclass

@@ -35,10 +35,14 @@ def build_vision_encoder(cfg: VisionConfig, *, grad_checkpointing: bool = False)
         raise ConfigError(f"model.vision.name: {e}") from None
     except TypeError as e:          # a timm_kwargs entry the model does not take
         raise ConfigError(f"model.vision.timm_kwargs: {e}") from None
+    if cfg.conv_stem and cfg.cnn_trunk:
+        raise ConfigError("model.vision: conv_stem and cnn_trunk are two stems; set one")
     if cfg.conv_stem:
         add_conv_stem(model, cfg.conv_stem, cfg.img_size, keep_patchify=cfg.conv_stem_add, depth=cfg.conv_stem_depth)
+    elif cfg.cnn_trunk:
+        add_cnn_trunk(model, cfg.cnn_trunk, cfg.img_size, keep_patchify=cfg.conv_stem_add)
     elif cfg.conv_stem_add:
-        raise ConfigError("model.vision.conv_stem_add needs model.vision.conv_stem (the widths of the stem to add)")
+        raise ConfigError("model.vision.conv_stem_add needs model.vision.conv_stem or cnn_trunk (the stem to add)")
     if cfg.checkpoint:
         load_vision_weights(model, cfg.checkpoint)
     elif cfg.pos_embed_init == "sincos":
@@ -101,6 +105,31 @@ def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: 
     strides = tuple(2 if i % depth == 0 else 1 for i in range(len(channels)))
     stem = ConvStem(depth=len(channels), channels=channels, kernel_size=3, stride=strides, padding=1)
     hybrid = HybridEmbed(stem, img_size=img_size, patch_size=1, embed_dim=dim, proj=False)
+    model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
+
+
+def add_cnn_trunk(model: nn.Module, name: str, img_size: int, keep_patchify: bool = False) -> None:
+    """The ViT paper's hybrid (Dosovitskiy et al. 2021, 3.1): the patch embedding reads a CNN's feature map at
+    the ViT's patch stride instead of pixels; `name` is any timm CNN with features_only (resnet18 stops after
+    its stride-16 stage for a /16 ViT), randomly initialised, and a 1x1 projection (timm's HybridEmbed) brings
+    it to embed_dim. Blocks, position embeddings and token grid are unchanged. `keep_patchify`: add its tokens
+    to the patchify layer's (SummedEmbed), as conv_stem_add does."""
+    from timm.layers import HybridEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "patch_size"):
+        raise ConfigError(f"model.vision.cnn_trunk: {type(model).__name__} has no ViT patch embedding")
+    patch, dim = int(embed.patch_size[0]), int(model.embed_dim)
+    try:
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+    except RuntimeError as e:       # timm: "Unknown model (...)" or a model without features_only
+        raise ConfigError(f"model.vision.cnn_trunk: {e}") from None
+    strides = probe.feature_info.reduction()
+    if patch not in strides:
+        raise ConfigError(f"model.vision.cnn_trunk: {name}'s feature maps have strides {strides}, none is the "
+                          f"model's patch size {patch}")
+    trunk = timm.create_model(name, pretrained=False, features_only=True, out_indices=(strides.index(patch),))
+    hybrid = HybridEmbed(trunk, img_size=img_size, patch_size=1, embed_dim=dim)
     model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
 
 

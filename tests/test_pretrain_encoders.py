@@ -169,3 +169,39 @@ def test_conv_stem_errors(widths, msg):
     with pytest.raises(ConfigError, match=msg):
         build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, timm_kwargs={"depth": 1},
                                           conv_stem=widths))
+
+
+def test_cnn_trunk_is_a_hybrid_stem_on_the_same_grid():
+    """model.vision.cnn_trunk: a timm CNN's stride-16 features (resnet18 to layer3) are the patch embedding, added
+    to the patchify layer's with conv_stem_add; the grid, the LawViT path and loading at another size hold."""
+    from finetune.backbone import LawViT
+    from pretrain.flops import vision_forward
+
+    cfg = dict(name="vit_tiny_patch16_224", timm_kwargs={"depth": 1}, cnn_trunk="resnet18", conv_stem_add=True)
+    a = build_vision_encoder(VisionConfig(img_size=64, **cfg))
+    pe = a.patch_embed
+    trunk = pe.stem.backbone
+    assert trunk.feature_info.reduction() == [16] and not hasattr(trunk, "layer4")
+    x = torch.randn(2, 3, 64, 64)
+    a.eval()
+    assert torch.allclose(pe(x), pe.patchify(x) + pe.stem(x))
+    tok = vision_tokens(a, x)
+    assert tok.shape == (2, 1 + 4 * 4, 192)
+    tok.sum().backward()
+    assert trunk.conv1.weight.grad.abs().sum() > 0 and pe.patchify.proj.weight.grad.abs().sum() > 0
+    assert vision_forward(a, 64) > 2 * 17 * 2 * (3 * 192 * 192)
+    b = build_vision_encoder(VisionConfig(img_size=96, **cfg))
+    load_vision_weights(b, a.state_dict())
+    assert torch.equal(b.patch_embed.stem.backbone.conv1.weight, trunk.conv1.weight)
+    tokens, hw = LawViT(b, 192, law=False, global_blocks=[0])(torch.randn(1, 3, 96, 96))
+    assert hw == (6, 6) and tokens.shape == (1, 36, 192)
+
+
+@pytest.mark.parametrize("kw, msg", [({"cnn_trunk": "resnet18", "conv_stem": [24, 48, 96, 192]}, "two stems"),
+                                     ({"cnn_trunk": "no_such_cnn"}, "cnn_trunk: Unknown model"),
+                                     ({"cnn_trunk": "resnet18", "timm_kwargs": {"depth": 1, "patch_size": 12}},
+                                      r"strides \[2, 4, 8, 16, 32\], none is the model's patch size 12")])
+def test_cnn_trunk_errors(kw, msg):
+    kw = {"timm_kwargs": {"depth": 1}, **kw}
+    with pytest.raises(ConfigError, match=msg):
+        build_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", img_size=64, **kw))
