@@ -42,3 +42,33 @@ def test_reader_pools_the_object_cells_only():
     assert shape.shape == (2, 5) and colour.shape == (2, 6)
     assert torch.allclose(shape[:, 0], torch.tensor([4.0, 0.0]))
     assert torch.allclose(colour[:, 0], torch.tensor([0.0, 2.0]))
+
+
+def test_save_backbone_is_an_export_finetune_starts_from(tmp_path):
+    """--save: the trained ViT and text encoder as a pretraining-style export; `init_from` adopts its architecture
+    and tokenizer and load_pretrained gives the fine-tuning model exactly those weights."""
+    from attribute_learning import save_backbone
+    from finetune.checkpoint import adopt_pretrained_architecture, load_pretrained
+    from finetune.config import FinetuneConfig
+    from finetune.task import build_model
+    from pretrain.config import load_config
+
+    small = ["init_from=null", "model.vision.timm_kwargs={depth: 2}", "model.global_blocks=[1]",
+             "model.text={hidden_size: 48, num_layers: 2, text_layers: 1, num_heads: 2, intermediate_size: 96}"]
+    cfg = load_config(FinetuneConfig, "configs/finetune/demo.yaml", small)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 100)
+    text = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    tok_dir = tmp_path / "tokenizer"
+    save_backbone(AttributeReader(model, None, 5, 6, text), cfg, tok_dir, tmp_path / "run")
+    ft = adopt_pretrained_architecture(load_config(FinetuneConfig, "configs/finetune/demo.yaml",
+                                                   [f"init_from={tmp_path / 'run'}", "model.global_blocks=[1]"]))
+    assert ft.model.text.tokenizer == str(tok_dir.resolve()) and ft.model.text.hidden_size == 48
+    assert ft.model.vision.timm_kwargs == {"depth": 2} and ft.model.vision.conv_stem_add
+    torch.manual_seed(1)
+    other = build_model(ft.model, 100)
+    assert load_pretrained(other, tmp_path / "run", ["vision", "text"])["vision"] > 0
+    for (k, a), b in zip(model.vision.vit.state_dict().items(), other.vision.vit.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(model.text.state_dict().items(), other.text.state_dict().values()):
+        assert torch.equal(a, b), k
