@@ -61,6 +61,8 @@ class MdetrHeadConfig:
     score_threshold: float = 0.5            # a query answers when 1 - p(no object) reaches this
     box: str = "mlp"                        # mlp: sigmoid(MLP(query)) (MDETR); geometry: each query's attention
                                             # map's reference box + an MLP correction (finetune/mdetr_head.py)
+    select: bool = False                    # query selection: the Q visual tokens that best match the expression
+                                            # start the Q queries (two-stage DETR / DINO; loss.select trains it)
 
     def validate(self) -> None:
         if self.box not in MDETR_BOXES:
@@ -140,6 +142,7 @@ class GroundingLossConfig:
     align: float = 1.0                      # contrastive alignment (both directions)
     align_temperature: float = 0.07
     no_object: float = 0.1                  # weight of "no object" targets in the token loss (DETR's eos_coef)
+    select: float = 1.0                     # model.mdetr.select: BCE of the token scores against the targets' cover
     cost_token: float = 1.0                 # Hungarian matching costs (MDETR: 1, 5, 2)
     cost_l1: float = 5.0
     cost_giou: float = 2.0
@@ -147,7 +150,7 @@ class GroundingLossConfig:
     def validate(self) -> None:
         check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
                                  "rac": 0.0, "mrc": 0.0, "cal": 0.0, "cal_pixels": 0, "token": 0.0, "align": 0.0,
-                                 "no_object": 0.0, "cost_token": 0.0, "cost_l1": 0.0, "cost_giou": 0.0})
+                                 "no_object": 0.0, "select": 0.0, "cost_token": 0.0, "cost_l1": 0.0, "cost_giou": 0.0})
         if not self.align_temperature > 0:
             raise ConfigError(f"loss.align_temperature must be > 0, got {self.align_temperature}")
         if not 0.0 <= self.mrc_momentum < 1.0:

@@ -5,7 +5,12 @@ none (gRefCOCO).
 Conditioning on the expression: the decoder's memory is the projected visual tokens (2D sin-cos positions added)
 *and* the projected text tokens (padding masked), each with a type embedding, as MDETR's encoder output holds
 both modalities; the visual tokens are already language-adapted by LAW, so there is no separate encoder.
-The queries are learned embeddings (not initialised from the text).
+The queries are learned embeddings (not initialised from the text). `select` (off in the paper configs): query
+selection as in the two-stage DETRs (Deformable DETR's two-stage variant, DINO's mixed query selection): every
+visual token gets a score against the expression (its projection dotted with the projected mean of the text
+memory), trained to mark the tokens the targets cover (mdetr_losses' "select" term), and the Q best tokens' memory
+entries (content + position) are added to the Q learned queries, so each query starts on a candidate object
+instead of learning from scratch where objects are.
 
 Per query: a box (cx, cy, w, h), by `box`: "mlp" regresses it from the decoder output, sigmoid(MLP(hs)) (MDETR;
 the paper configs and the code default); "geometry" reads it from where the query looks (QueryGeometry): the
@@ -77,7 +82,7 @@ class QueryGeometry(nn.Module):
 
 class MdetrHead(nn.Module):
     def __init__(self, vis_dim: int, text_dim: int, pix_dim: int, *, queries: int = 10, dim: int = 256,
-                 depth: int = 3, heads: int = 8, align_dim: int = 64, box: str = "mlp") -> None:
+                 depth: int = 3, heads: int = 8, align_dim: int = 64, box: str = "mlp", select: bool = False) -> None:
         super().__init__()
         if box not in MDETR_BOXES:
             raise ValueError(f"box must be one of {', '.join(MDETR_BOXES)}, got {box!r}")
@@ -101,10 +106,18 @@ class MdetrHead(nn.Module):
         self.mask_embed = mlp(dim, dim, pix_dim)
         # built last, so the modules both boxes share draw the same initial weights (and mlp's are as before)
         self.geometry = QueryGeometry(vis_dim, dim) if box == "geometry" else None
+        self.select_key = nn.Linear(dim, dim) if select else None
+        self.select_query = nn.Linear(dim, dim) if select else None
 
     @property
     def queries(self) -> int:
         return self.query_embed.num_embeddings
+
+    def token_scores(self, mem_v: torch.Tensor, mem_t: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """[B,N] logits: how much each visual token belongs to what the expression names (query selection)."""
+        keep = (~pad).to(mem_t.dtype)[..., None]
+        text = (mem_t * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return torch.einsum("bnd,bd->bn", self.select_key(mem_v), self.select_query(text)) / math.sqrt(self.dim)
 
     def forward(self, visual: torch.Tensor, hw: tuple[int, int], text: torch.Tensor, text_mask: torch.Tensor,
                 pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,13 +134,21 @@ class MdetrHead(nn.Module):
         key_pad = torch.cat([torch.zeros(B, mem_v.shape[1], dtype=torch.bool, device=pad.device), pad], 1)
         # repeat, not expand: a view of a parameter made under no_grad (the FLOP counter's pass) breaks module hooks
         tgt = self.query_embed.weight[None].repeat(B, 1, 1).to(memory.dtype)
+        selected = {}
+        if self.select_key is not None:
+            scores = self.token_scores(mem_v, mem_t, pad)
+            if scores.shape[1] < tgt.shape[1]:
+                raise ValueError(f"query selection needs at least {tgt.shape[1]} visual tokens, got {scores.shape[1]}")
+            idx = scores.detach().topk(tgt.shape[1], dim=1).indices                  # [B,Q], best first
+            tgt = tgt + torch.gather(mem_v, 1, idx[..., None].expand(-1, -1, mem_v.shape[-1]))
+            selected = {"token_scores": scores, "selected": idx}
         hs = self.decoder(tgt, memory, memory_key_padding_mask=key_pad)
         tok = torch.einsum("bqd,bld->bql", self.token_query(hs), self.token_key(mem_t)) / math.sqrt(self.dim)
         tok = tok.masked_fill(pad[:, None, :], PAD_LOGIT)
         logits = torch.cat([tok, self.no_object(hs)], -1)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(hs), pixels) / math.sqrt(pixels.shape[1])
         out = {"pred_logits": logits, "query_align": F.normalize(self.align_query(hs), dim=-1),
-               "token_align": F.normalize(self.align_token(mem_t), dim=-1), "pred_masks": masks}
+               "token_align": F.normalize(self.align_token(mem_t), dim=-1), "pred_masks": masks, **selected}
         if self.geometry is None:
             return {"pred_boxes": self.box(hs).sigmoid(), **out}
         ref, attn = self.geometry(visual, hw, hs)

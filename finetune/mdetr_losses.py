@@ -8,7 +8,9 @@
 - contrastive alignment (MDETR's ContrastiveCriterion, tau 0.07): query -> tokens and token -> queries InfoNCE
   with several positives (the mean positive logit against the log-sum-exp over all candidates, padding tokens
   excluded), halved and normalised by the number of matched queries; no-target expressions have no positives;
-- masks: sigmoid focal + dice (finetune.losses) of the matched queries' masks, upsampled to the target size.
+- masks: sigmoid focal + dice (finetune.losses) of the matched queries' masks, upsampled to the target size;
+- query selection (model.mdetr.select): binary cross-entropy of each visual token's score against the fraction
+  of its grid cell the targets cover (soft labels; a no-target expression covers nothing), mean over tokens.
 
 Without phrase annotations every target of an expression is named by the whole expression, so its positive
 token map is uniform over the expression's word tokens ([CLS], [SEP] and padding excluded).
@@ -91,3 +93,9 @@ def mdetr_losses(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], *
     else:
         terms["focal"] = terms["dice"] = out["pred_masks"].sum() * 0.0
     return terms
+
+
+def selection_loss(scores: torch.Tensor, union_mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """scores [B,N] (logits, row-major grid hw), union_mask [B,S,S] (every target's pixels) -> scalar."""
+    cover = F.adaptive_avg_pool2d(union_mask[:, None].float(), hw).flatten(1)
+    return F.binary_cross_entropy_with_logits(scores.float(), cover)

@@ -35,7 +35,7 @@ from finetune.dat import dat_weights
 from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
 from finetune.mdetr_head import MdetrHead
-from finetune.mdetr_losses import mdetr_losses
+from finetune.mdetr_losses import mdetr_losses, selection_loss
 from finetune.model import VGLaw
 from finetune.momentum import MomentumModel, mrc_per_sample
 from pretrain.box_ops import box_cxcywh_to_xyxy, elementwise_iou
@@ -117,6 +117,9 @@ class GroundingTask(nn.Module):
                                  temperature=c.align_temperature, focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
             weights = {"l1": c.l1, "giou": c.giou, "token": c.token, "align": c.align, "focal": c.focal,
                        "dice": c.dice}
+            if "token_scores" in out:       # query selection: which tokens the targets cover
+                terms["select"] = selection_loss(out["token_scores"], batch["mask"], out["grid"])
+                weights["select"] = c.select
             if self.cal is not None:        # the merged mask: every target's pixels, none for no target
                 terms.update(self.cal(out["pixel_emb"], batch["mask"], out["text"], mask))
                 weights["cal"] = c.cal
@@ -203,7 +206,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     if cfg.head == "mdetr":
         m = cfg.mdetr
         mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
-                          heads=m.heads, align_dim=m.align_dim, box=m.box)
+                          heads=m.heads, align_dim=m.align_dim, box=m.box, select=m.select)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,

@@ -29,7 +29,7 @@ def tiny_config(**overrides) -> FinetuneConfig:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = copy.deepcopy(value)      # a later "a.b.c" key must not write into the caller's dict
     return from_dict(FinetuneConfig, data)
 
 

@@ -38,11 +38,12 @@ def _boxes_mask(size, squares):
     return boxes, masks
 
 
-def test_short_overfit_finds_two_targets_one_and_none():
+@pytest.mark.parametrize("select", [False, True])
+def test_short_overfit_finds_two_targets_one_and_none(select):
     from pretrain.box_ops import box_cxcywh_to_xyxy, box_iou
 
     torch.manual_seed(0)
-    task = build_task(tiny_config(**MDETR, **{"model.mask_grounding.enabled": False}))
+    task = build_task(tiny_config(**MDETR, **{"model.mask_grounding.enabled": False, "model.mdetr.select": select}))
     size = 64
     image = torch.full((1, 3, size, size), -1.0)
     red = [(6, 6, 16), (40, 36, 20)]
@@ -55,7 +56,7 @@ def test_short_overfit_finds_two_targets_one_and_none():
     batch = {"image": image.expand(3, -1, -1, -1).contiguous(), "text_ids": ids, "text_mask": torch.ones(3, 4).long(),
              "boxes": torch.stack([two, one, torch.zeros(2, 4)]), "n_targets": torch.tensor([2, 1, 0]),
              "target_masks": torch.stack([two_masks, one_masks, torch.zeros(2, size, size)]).byte()}
-    batch["bbox"], batch["mask"] = batch["boxes"][:, 0], batch["target_masks"][:, 0].float()
+    batch["bbox"], batch["mask"] = batch["boxes"][:, 0], batch["target_masks"].amax(1).float()   # the union
     task.special_ids = (0, 101 % 120, 102 % 120)
     overfit(task, batch, steps=200, lr=2e-3)
     task.eval()
@@ -84,6 +85,28 @@ def test_every_parameter_trains():
              target_masks=torch.stack([b["mask"], b["mask"]], 1).byte())
     assert _unused(task, b) == _unused(build_task(tiny_config()), b) == ["model.vision.vit.cls_token"]
     assert task.flops_per_sample() > 0                # the engine counts it under no_grad with module hooks
+
+
+def test_query_selection_starts_the_queries_on_the_best_tokens():
+    """model.mdetr.select: the Q best-scoring visual tokens (best first) are added to the Q learned queries, the
+    scores get the "select" loss, and every parameter still trains."""
+    torch.manual_seed(0)
+    task = build_task(tiny_config(**MDETR, **{"model.mdetr.select": True, "loss.select": 2.0}))
+    b = tiny_batch(n=2)
+    b.update(boxes=torch.stack([b["bbox"], b["bbox"].flip(0)], 1), n_targets=torch.tensor([2, 1]),
+             target_masks=torch.stack([b["mask"], b["mask"]], 1).byte())
+    out = task.model(b["image"].float(), b["text_ids"], b["text_mask"])
+    assert out["selected"].shape == (2, 4)
+    assert torch.equal(out["selected"], out["token_scores"].topk(4, dim=1).indices)
+    terms = task(b)
+    assert terms["select"] > 0
+    assert _unused(task, b) == ["model.vision.vit.cls_token"]
+    head = task.model.mdetr
+    with pytest.raises(ValueError, match="at least 4 visual tokens"):      # 3 tokens for 4 queries
+        head(torch.randn(1, 3, head.vis_proj.in_features), (1, 3), out["text"][:1], b["text_mask"][:1],
+             out["pixel_emb"][:1])
+    assert "token_scores" not in build_task(tiny_config(**MDETR)).model(b["image"].float(), b["text_ids"],
+                                                                       b["text_mask"])
 
 
 def test_predict_image_answers_several_boxes(tok):

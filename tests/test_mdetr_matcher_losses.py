@@ -127,3 +127,17 @@ def test_contrastive_align_by_hand():
     masked = contrastive_align(qa, ta, pos, torch.tensor([[1, 0]]), tau, 1)   # token 1 is padding
     assert masked.item() == pytest.approx((0.0 + a) / 2, rel=1e-5)
     assert contrastive_align(qa, ta, pos & False, torch.tensor([[1, 1]]), tau, 0).item() == 0.0   # no target
+
+
+def test_selection_loss_by_hand():
+    """Each token's target is the fraction of its grid cell the targets cover; BCE with logits, mean."""
+    from finetune.mdetr_losses import selection_loss
+
+    union = torch.zeros(1, 4, 4)
+    union[0, :2, :2] = 1                    # cell (0, 0) of a 2x2 grid fully covered
+    union[0, 2:, 2] = 1                     # cell (1, 1) half covered
+    scores = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    cover = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    p = scores.sigmoid()
+    want = -(cover * p.log() + (1 - cover) * (1 - p).log()).mean()
+    assert torch.allclose(selection_loss(scores, union, (2, 2)), want)
