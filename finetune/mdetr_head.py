@@ -124,7 +124,8 @@ class MdetrHead(nn.Module):
         """visual [B,N,C] on grid hw, text [B,L,d_l] with text_mask [B,L], pixels [B,P,h,w] ->
         pred_boxes [B,Q,4], pred_logits [B,Q,L+1] (the last column is "no object"), query_align [B,Q,A],
         token_align [B,L,A] (both L2-normalised), pred_masks [B,Q,h,w] (logits); with box "geometry" also
-        query_attn [B,Q,N], each query's map over the visual tokens."""
+        query_attn [B,Q,N], each query's map over the visual tokens; with `select` also token_scores [B,N] (logits)
+        and selected [B,Q] (the tokens that started the queries, best first)."""
         B = visual.shape[0]
         pos = sincos_2d(hw, self.dim, visual.device, visual.dtype)
         mem_v = self.vis_proj(visual) + pos[None] + self.type_embed[0]
