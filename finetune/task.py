@@ -20,6 +20,7 @@ includes the language adaptive weight generator and the heads) and the generator
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -205,6 +206,10 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     mdetr = None
     if cfg.head == "mdetr":
         m = cfg.mdetr
+        tokens = math.prod(vision.vit.patch_embed.grid_size)
+        if m.select and m.queries > tokens:
+            raise ConfigError(f"model.mdetr.select: {m.queries} queries need as many visual tokens, the "
+                              f"{cfg.vision.img_size} px input gives {tokens}")
         mdetr = MdetrHead(vision.embed_dim, d_l, vision.embed_dim, queries=m.queries, dim=m.dim, depth=m.depth,
                           heads=m.heads, align_dim=m.align_dim, box=m.box, select=m.select)
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,

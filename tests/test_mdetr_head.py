@@ -105,6 +105,8 @@ def test_query_selection_starts_the_queries_on_the_best_tokens():
     with pytest.raises(ValueError, match="at least 4 visual tokens"):      # 3 tokens for 4 queries
         head(torch.randn(1, 3, head.vis_proj.in_features), (1, 3), out["text"][:1], b["text_mask"][:1],
              out["pixel_emb"][:1])
+    with pytest.raises(ConfigError, match="model.mdetr.select: 20 queries need as many visual tokens"):
+        build_model(tiny_config(**{**MDETR, "model.mdetr": {**MDETR["model.mdetr"], "queries": 20, "select": True}}).model)
     assert "token_scores" not in build_task(tiny_config(**MDETR)).model(b["image"].float(), b["text_ids"],
                                                                        b["text_mask"])
 
