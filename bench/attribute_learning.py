@@ -92,11 +92,9 @@ def build_reader(args: argparse.Namespace, tok, shapes: list[str], colours: list
         load_pretrained(model, args.init, ["vision"])
     cnn = None
     if args.cnn:
-        import timm
+        from pretrain.encoders import build_cnn_trunk
 
-        probe = timm.create_model(args.cnn, pretrained=False, features_only=True)
-        stride16 = probe.feature_info.reduction().index(16)   # the ViT's token grid
-        cnn = timm.create_model(args.cnn, pretrained=False, features_only=True, out_indices=(stride16,))
+        cnn = build_cnn_trunk(args.cnn, 16, "--cnn", "the ViT's token stride")
     text = tok(args.text, padding="max_length", max_length=cfg.data.max_len, truncation=True, return_tensors="pt")
     reader = AttributeReader(model, cnn, len(shapes), len(colours), text)
     if args.frozen:
@@ -194,8 +192,6 @@ def save_backbone(reader: AttributeReader, cfg, tokenizer: Path, out: Path) -> P
 
     from pretrain.config import to_dict
 
-    if reader.cnn is not None:
-        raise ValueError("--save needs the config's ViT, not --cnn")
     model = reader.model
     sd = {f"vision.{k}": v for k, v in model.vision.vit.state_dict().items()}
     sd.update({f"text.{k}": v for k, v in model.text.state_dict().items()})
@@ -244,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from learning import resolve_data
 
+    if args.save and args.cnn:                  # the export holds the config's ViT; a --cnn run trains no ViT
+        print("error: --save writes the config's ViT and cannot be used with --cnn", file=sys.stderr)
+        return 2
     try:
         args.data = resolve_data(args)          # the same data bench/learning.py draws and keeps
         if not (args.data / "tokenizer" / "vocab.txt").is_file():

@@ -120,17 +120,22 @@ def add_cnn_trunk(model: nn.Module, name: str, img_size: int, keep_patchify: boo
     if embed is None or not hasattr(embed, "patch_size"):
         raise ConfigError(f"model.vision.cnn_trunk: {type(model).__name__} has no ViT patch embedding")
     patch, dim = int(embed.patch_size[0]), int(model.embed_dim)
+    trunk = build_cnn_trunk(name, patch, "model.vision.cnn_trunk", "the model's patch size")
+    hybrid = HybridEmbed(trunk, img_size=img_size, patch_size=1, embed_dim=dim)
+    model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
+
+
+def build_cnn_trunk(name: str, stride: int, what: str = "cnn", wanted: str = "the stride wanted") -> nn.Module:
+    """timm CNN `name` (random init, features_only) cut after its stage at `stride`: one feature map out. `what`
+    and `wanted` name the setting and the stride in the ConfigError for an unknown model or a missing stride."""
     try:
         probe = timm.create_model(name, pretrained=False, features_only=True)
     except RuntimeError as e:       # timm: "Unknown model (...)" or a model without features_only
-        raise ConfigError(f"model.vision.cnn_trunk: {e}") from None
+        raise ConfigError(f"{what}: {e}") from None
     strides = probe.feature_info.reduction()
-    if patch not in strides:
-        raise ConfigError(f"model.vision.cnn_trunk: {name}'s feature maps have strides {strides}, none is the "
-                          f"model's patch size {patch}")
-    trunk = timm.create_model(name, pretrained=False, features_only=True, out_indices=(strides.index(patch),))
-    hybrid = HybridEmbed(trunk, img_size=img_size, patch_size=1, embed_dim=dim)
-    model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
+    if stride not in strides:
+        raise ConfigError(f"{what}: {name}'s feature maps have strides {strides}, none is {wanted} {stride}")
+    return timm.create_model(name, pretrained=False, features_only=True, out_indices=(strides.index(stride),))
 
 
 def init_sincos_pos_embed(model: nn.Module) -> None:
