@@ -73,7 +73,7 @@ def run(cfg: FinetuneConfig) -> dict:
     d = cfg.data
     max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching
     dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
-                               seed=cfg.run.seed, max_targets=max_targets)
+                               seed=cfg.run.seed, max_targets=max_targets, context_refs=d.context_refs)
     skipped = {k: v for k, v in sorted(dataset.skips.items()) if v}
     if skipped and info.rank == 0:      # e.g. no-target expressions a one-instance head cannot train on
         print(f"{train_dir}: {len(dataset)} training expressions; skipped: "

@@ -135,6 +135,9 @@ class GroundingLossConfig:
     cal_tau_pixel: float = 0.07             # tau_1 of the pixel-to-pixel InfoNCE
     cal_tau_text: float = 0.07              # tau_2 of the pixel-to-text InfoNCE
     cal_pixels: int = 512                   # pixels drawn per class (object / background) and sample; 0 = all
+    context: float = 0.0                    # the mask loss (focal + dice at the weights above) of the image's other
+                                            # objects, each from its own expression on the item's pixel embeddings
+                                            # (finetune/context_loss.py; needs data.context_refs; 0: off)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # model.head: mdetr only (finetune/mdetr_losses.py): l1/giou/focal/dice above weight the matched queries
@@ -149,7 +152,7 @@ class GroundingLossConfig:
 
     def validate(self) -> None:
         check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
-                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "cal_pixels": 0, "token": 0.0, "align": 0.0,
+                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "context": 0.0, "cal_pixels": 0, "token": 0.0, "align": 0.0,
                                  "no_object": 0.0, "select": 0.0, "cost_token": 0.0, "cost_l1": 0.0, "cost_giou": 0.0})
         if not self.align_temperature > 0:
             raise ConfigError(f"loss.align_temperature must be > 0, got {self.align_temperature}")
@@ -170,10 +173,12 @@ class GroundingDataConfig:
     num_workers: int = 4
     batches_per_epoch: int = 0              # 0 = one pass over the train split per epoch (per rank)
     paired: bool = False                    # batches of expression pairs: one image, two different targets
+    context_refs: int = 0                   # up to this many other objects of the image, one expression each, come
+                                            # with a training item (shards/context.py; for loss.context)
 
     def validate(self) -> None:
         check_min("data", self, {"image_size": 16, "max_len": 3, "batch_size": 1, "num_workers": 0,
-                                 "batches_per_epoch": 0})
+                                 "batches_per_epoch": 0, "context_refs": 0})
         if self.paired and self.batch_size % 2:
             raise ConfigError(f"data.paired needs an even data.batch_size (pairs must not straddle batches), "
                               f"got {self.batch_size}")
@@ -234,6 +239,11 @@ class FinetuneConfig:
                 if on:
                     raise ConfigError(f"{key} needs the one-instance head's LAP map, box and mask (model.head: "
                                       f"vglaw); the mdetr head has none of them")
+        if (self.loss.context > 0) != (self.data.context_refs > 0):
+            raise ConfigError(f"loss.context={self.loss.context} and data.context_refs={self.data.context_refs}: "
+                              "set both (the loss reads the other objects the data loads) or neither")
+        if self.loss.context > 0 and self.model.head != "vglaw":
+            raise ConfigError("loss.context needs the one-instance head's mask (model.head: vglaw)")
         parts = self.init_parts
         if (not isinstance(parts, list) or not parts or any(p not in INIT_PARTS for p in parts)
                 or len(set(parts)) != len(parts)):

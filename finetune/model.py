@@ -55,6 +55,10 @@ class VGLaw(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(ids, mask)
 
+    def pool_text(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The expression vector the heads read: [B,L,d_l] -> [B,d_l] ([CLS], or the mean with text_pool=mean)."""
+        return text[:, 0] if self.text_pool == "cls" else masked_mean(text, mask)
+
     def forward(self, image: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
                 attn_only: bool = False) -> dict[str, torch.Tensor] | list[torch.Tensor]:
         """-> boxes [B,4] normalised cxcywh in the input frame, mask_logits [B,S,S], lap_attn [B,N] on the token
@@ -70,7 +74,7 @@ class VGLaw(nn.Module):
             pixel_emb = self.res_head.pixel_embeddings(visual, hw)
             out = self.mdetr(visual, hw, text, text_mask, pixel_emb)
             return {**out, "grid": hw, "visual": visual, "text": text, "pixel_emb": pixel_emb}
-        cls = text[:, 0] if self.text_pool == "cls" else masked_mean(text, text_mask)
+        cls = self.pool_text(text, text_mask)
         layer_maps = [pool(taps[i], cls)[1] for i, pool in zip(self.attn_layers, self.layer_pools)]
         if attn_only:
             return [self.rec_head.attention(visual, cls)] + layer_maps

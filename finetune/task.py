@@ -1,10 +1,11 @@
 """GroundingTask: the training unit for the shared engine (VG-LAW + losses + Mask Grounding), and build_task.
 
     L = l1 * L1 + giou * GIoU + focal * focal + dice * dice + mask_grounding * L_mg
-        [+ rac * L_rac + mrc * L_mrc + cal * L_CAL]
+        [+ rac * L_rac + mrc * L_mrc + cal * L_CAL + context * L_context]
     (defaults 1, 1, 4, 4, 1; the bracketed terms are off unless configured: AttBalance's region attention
     constraint and momentum constraint on the LAP maps (finetune/attbalance.py, finetune/momentum.py), MagNet's
-    cross-modal alignment loss (finetune/cal.py)). With `loss.dat` the box terms become AttBalance's
+    cross-modal alignment loss (finetune/cal.py), the other objects' masks from their own expressions
+    (finetune/context_loss.py)). With `loss.dat` the box terms become AttBalance's
     per-sample re-weighted `dat_box = mean_b W_b * (l1 * L1_b + giou * GIoU_b)` (finetune/dat.py); `l1` and
     `giou` are still logged unweighted.
 
@@ -32,6 +33,7 @@ from finetune.cal import CrossModalAlignmentLoss
 from finetune.cam import CrossModalAlignment
 from finetune.config import (ConfigError, FinetuneConfig, GroundingLossConfig, GroundingModelConfig,
                              MaskGroundingConfig)
+from finetune.context_loss import context_mask_loss
 from finetune.dat import dat_weights
 from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
@@ -166,6 +168,10 @@ class GroundingTask(nn.Module):
             cal = self.cal(out["pixel_emb"], batch["mask"], out["text"], mask)
             terms.update(cal)
             weights["cal"] = c.cal
+        if c.context > 0 and self.training and "context_valid" in batch:
+            terms["context"] = context_mask_loss(self.model, out["pixel_emb"], batch, focal=c.focal, dice=c.dice,
+                                                 focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
+            weights["context"] = c.context
         return terms, weights
 
     def mask_grounding_loss(self, batch: dict[str, torch.Tensor], image: torch.Tensor,

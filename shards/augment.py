@@ -325,7 +325,8 @@ def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Ten
     direction words), a flip with probability `flip_prob` (left/right swapped in `text`), longer side to
     `size`, letterbox at a random offset. Evaluation: longer side to `size`, centred letterbox.
     Returns image uint8 [3,S,S], bbox normalised (cx, cy, w, h), mask uint8 [S,S], text, scale, offset
-    (input px = stored px * scale + offset; exact for evaluation, it ignores a training flip), flipped.
+    (input px = stored px * scale + offset; exact for evaluation, it ignores a training flip), flipped, and
+    crop: the kept window (x0, y0, x1, y1) in stored px, or None when the view was not cropped.
 
     `extra_boxes` (K boxes [x, y, w, h], stored px) and `extra_masks` (uint8 [K,H,W]) go through the same
     geometry (a crop keeps `box_xywh`, so pass the union of the targets there); they come back as "boxes"
@@ -338,7 +339,7 @@ def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Ten
     boxes = tv_tensors.BoundingBoxes(torch.tensor(rows, dtype=torch.float32), format="XYWH", canvas_size=(H, W))
     boxes = F.convert_bounding_box_format(boxes, new_format="XYXY")
     masks = tv_tensors.Mask(mask[None] if extra_masks is None else torch.cat([mask[None], extra_masks.to(mask.dtype)]))
-    ox, oy, flipped = 0.0, 0.0, False
+    ox, oy, flipped, window = 0.0, 0.0, False, None
     if train and crop_allowed and rng.random() < crop_prob:
         bx, by, bw, bh = box_xywh
         x0 = int(rng.integers(0, math.floor(max(bx, 0)) + 1))
@@ -346,7 +347,7 @@ def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Ten
         x1 = int(rng.integers(min(math.ceil(bx + bw), W), W + 1))
         y1 = int(rng.integers(min(math.ceil(by + bh), H), H + 1))
         image, boxes, masks = (F.crop(t, top=y0, left=x0, height=y1 - y0, width=x1 - x0) for t in (image, boxes, masks))
-        ox, oy = float(x0), float(y0)
+        ox, oy, window = float(x0), float(y0), (x0, y0, x1, y1)
     if train and rng.random() < flip_prob:
         image, boxes, masks = (F.horizontal_flip(t) for t in (image, boxes, masks))
         text = swap_left_right(text)
@@ -371,6 +372,7 @@ def grounding_view(img: torch.Tensor, box_xywh: Sequence[float], mask: torch.Ten
         "image": image.as_subclass(torch.Tensor), "bbox": bbox.clamp(0.0, 1.0),
         "mask": masks[0], "text": text,
         "scale": float((sx + sy) / 2), "offset": (pad_x - ox * sx, pad_y - oy * sy), "flipped": flipped,
+        "crop": window,
     }
     if len(rows) > 1 or extra_masks is not None:
         out["boxes"] = all_boxes[1:].clamp(0.0, 1.0)

@@ -31,12 +31,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from shards.augment import CLIP_MEAN, CLIP_STD, grounding_view, normalize
+from shards.context import choose_context, kept_in_view
 from shards.decode import DecodeError, decode_image
 from shards.determinism import loader_generator
 from shards.masks import decode_mask
 from shards.schema import is_generalised_ref
 from shards.sources import DataError, resolve_shards
-from shards.text import clean_caption, has_direction_words
+from shards.text import clean_caption, has_direction_words, swap_left_right
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,20 @@ class GroundingDataset(Dataset):
     `max_targets` > 0. With `max_targets` = K > 0 items also carry every target: boxes float32 [K,4]
     (normalised cx, cy, w, h, zero rows as padding), target_masks uint8 [K,S,S] and n_targets (0 for no
     target; a one-target ref gives 1); a training ref with more than K targets is skipped and counted
-    (targets_over_max)."""
+    (targets_over_max).
+
+    With `context_refs` = C > 0 (training only; not with `max_targets`) items also carry up to C other objects of
+    the image, one expression each, through the same view (shards.context): context_ids / context_text_mask
+    int64 [C,L], context_masks uint8 [C,S,S] and context_valid bool [C] (False for padding and for expressions
+    a crop made untrue)."""
 
     def __init__(self, shard_dir: str | Path, tokenizer: Any, *, train: bool, image_size: int = 448,
                  max_len: int = 40, seed: int = 0, flip_prob: float = 0.5, crop_prob: float = 0.5,
-                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil", max_targets: int = 0) -> None:
+                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil", max_targets: int = 0,
+                 context_refs: int = 0) -> None:
         p = Path(shard_dir)
+        if context_refs and max_targets:
+            raise ValueError("context_refs and max_targets cannot be combined (both use the view's extra masks)")
         if not p.is_dir():
             raise DataError(f"{p}: grounding split directory not found")
         paths, _ = resolve_shards(str(p))
@@ -156,6 +165,7 @@ class GroundingDataset(Dataset):
         self.flip_prob, self.crop_prob, self.mean, self.std, self.decoder = flip_prob, crop_prob, mean, std, decoder
         self.epoch = 0
         self.max_targets = int(max_targets)
+        self.context_refs = int(context_refs) if train else 0
         self.skips: Counter = Counter()
         self.index = TarIndex(paths)
         self.skips.update(self.index.problems)
@@ -298,6 +308,13 @@ class GroundingDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         box, mask, boxes, masks = self._targets(ref, h, w)
         multi = {"extra_boxes": boxes, "extra_masks": masks} if self.max_targets else {}
+        context = []
+        if self.context_refs:     # its own generator: the item's view is the same with or without context
+            context = choose_context(im["refs"], ri, self.context_refs,
+                                     np.random.default_rng([self.seed, self.epoch, index, 1]))
+            if context:
+                multi = {"extra_boxes": [im["refs"][j]["bbox"] for j, _ in context],
+                         "extra_masks": torch.stack([self._mask(im["refs"][j], h, w) for j, _ in context])}
         v = grounding_view(img, box, mask, text, train=self.train, size=self.size, rng=rng,
                            flip_prob=self.flip_prob, crop_prob=self.crop_prob,
                            crop_allowed=not has_direction_words(text), **multi)
@@ -321,7 +338,27 @@ class GroundingDataset(Dataset):
             item["target_masks"] = torch.zeros(K, self.size, self.size, dtype=torch.uint8)
             item["target_masks"][:n] = v["masks"][:n]
             item["n_targets"] = torch.tensor(n, dtype=torch.long)
+        if self.context_refs:
+            item.update(self._context_item(context, v, im["refs"]))
         return item
+
+    def _context_item(self, context: list[tuple[int, str]], v: dict, refs: list[dict]) -> dict:
+        """The context tensors of one item from its chosen (ref, sentence) pairs and the item's view."""
+        C, L, S = self.context_refs, self.max_len, self.size
+        out = {"context_ids": torch.zeros(C, L, dtype=torch.long),
+               "context_text_mask": torch.zeros(C, L, dtype=torch.long),
+               "context_masks": torch.zeros(C, S, S, dtype=torch.uint8),
+               "context_valid": torch.zeros(C, dtype=torch.bool)}
+        if not context:
+            return out
+        texts = [swap_left_right(t) if v["flipped"] else t for _, t in context]
+        enc = self.tok(texts, padding="max_length", truncation=True, max_length=L, return_attention_mask=True)
+        n = len(context)
+        out["context_ids"][:n] = torch.tensor(enc["input_ids"], dtype=torch.long)
+        out["context_text_mask"][:n] = torch.tensor(enc["attention_mask"], dtype=torch.long)
+        out["context_masks"][:n] = v["masks"]
+        out["context_valid"][:n] = torch.tensor([kept_in_view(t, refs[j]["bbox"], v["crop"]) for j, t in context])
+        return out
 
 
 def collate_grounding(items: list[dict]) -> dict:
