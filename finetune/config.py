@@ -138,6 +138,7 @@ class GroundingLossConfig:
     context: float = 0.0                    # the mask loss (focal + dice at the weights above) of the image's other
                                             # objects, each from its own expression on the item's pixel embeddings
                                             # (finetune/context_loss.py; needs data.context_refs; 0: off)
+    context_box: bool = True                # loss.context also scores the LAP head's box for each of them (L1 + GIoU)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # model.head: mdetr only (finetune/mdetr_losses.py): l1/giou/focal/dice above weight the matched queries

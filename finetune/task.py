@@ -33,7 +33,7 @@ from finetune.cal import CrossModalAlignmentLoss
 from finetune.cam import CrossModalAlignment
 from finetune.config import (ConfigError, FinetuneConfig, GroundingLossConfig, GroundingModelConfig,
                              MaskGroundingConfig)
-from finetune.context_loss import context_mask_loss
+from finetune.context_loss import context_losses
 from finetune.dat import dat_weights
 from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.mask_grounding import MaskGrounding, mask_tokens
@@ -169,8 +169,10 @@ class GroundingTask(nn.Module):
             terms.update(cal)
             weights["cal"] = c.cal
         if c.context > 0 and self.training and "context_valid" in batch:
-            terms["context"] = context_mask_loss(self.model, out["pixel_emb"], batch, focal=c.focal, dice=c.dice,
-                                                 focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma)
+            box = c.context_box
+            terms.update(context_losses(self.model, out, batch, focal=c.focal, dice=c.dice, l1=c.l1 if box else 0.0,
+                                        giou=c.giou if box else 0.0, focal_alpha=c.focal_alpha,
+                                        focal_gamma=c.focal_gamma))
             weights["context"] = c.context
         return terms, weights
 

@@ -148,8 +148,8 @@ class GroundingDataset(Dataset):
 
     With `context_refs` = C > 0 (training only; not with `max_targets`) items also carry up to C other objects of
     the image, one expression each, through the same view (shards.context): context_ids / context_text_mask
-    int64 [C,L], context_masks uint8 [C,S,S] and context_valid bool [C] (False for padding and for expressions
-    a crop made untrue)."""
+    int64 [C,L], context_masks uint8 [C,S,S], context_boxes float32 [C,4] (normalised cx, cy, w, h) and
+    context_valid bool [C] (False for padding and for expressions a crop made untrue)."""
 
     def __init__(self, shard_dir: str | Path, tokenizer: Any, *, train: bool, image_size: int = 448,
                  max_len: int = 40, seed: int = 0, flip_prob: float = 0.5, crop_prob: float = 0.5,
@@ -348,6 +348,7 @@ class GroundingDataset(Dataset):
         out = {"context_ids": torch.zeros(C, L, dtype=torch.long),
                "context_text_mask": torch.zeros(C, L, dtype=torch.long),
                "context_masks": torch.zeros(C, S, S, dtype=torch.uint8),
+               "context_boxes": torch.zeros(C, 4),
                "context_valid": torch.zeros(C, dtype=torch.bool)}
         if not context:
             return out
@@ -357,6 +358,7 @@ class GroundingDataset(Dataset):
         out["context_ids"][:n] = torch.tensor(enc["input_ids"], dtype=torch.long)
         out["context_text_mask"][:n] = torch.tensor(enc["attention_mask"], dtype=torch.long)
         out["context_masks"][:n] = v["masks"]
+        out["context_boxes"][:n] = v["boxes"].float()
         out["context_valid"][:n] = torch.tensor([kept_in_view(t, refs[j]["bbox"], v["crop"]) for j, t in context])
         return out
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from finetune.config import ConfigError
-from finetune.context_loss import context_mask_loss
-from finetune.losses import dice_loss, focal_loss
+from finetune.context_loss import context_losses
+from finetune.losses import box_losses_per_sample, dice_loss, focal_loss
 from finetune.task import build_task
 from finetune_helpers import tiny_batch, tiny_config
 from loader_shards import grounding_record, write_shards
@@ -81,6 +81,9 @@ def test_context_masks_and_words_follow_the_view(tmp_path, tok):
             ys, xs = torch.nonzero(b["context_masks"][j], as_tuple=True)
             assert abs(xs.min().item() - (x * s + ox)) <= 1.5 and abs(xs.max().item() + 1 - ((x + w) * s + ox)) <= 1.5
             assert abs(ys.min().item() - (y * s + oy)) <= 1.5 and abs(ys.max().item() + 1 - ((y + h) * s + oy)) <= 1.5
+            cx, cy, bw, bh = (b["context_boxes"][j] * 48).tolist()
+            assert abs(cx - ((x + w / 2) * s + ox)) <= 1.0 and abs(bw - w * s) <= 1.0
+            assert abs(cy - ((y + h / 2) * s + oy)) <= 1.0 and abs(bh - h * s) <= 1.0
             n_valid += 1
     assert n_valid == 3 * len(ctx)
     # evaluation items carry no context
@@ -135,6 +138,8 @@ def _context_batch(n=4, k=2, size=64, length=8):
     b["context_masks"] = torch.zeros(n, k, size, size, dtype=torch.uint8)
     b["context_masks"][:, 0, :20, :20] = 1
     b["context_masks"][:, 1, 30:, 30:] = 1
+    b["context_boxes"] = torch.tensor([[10 / 64, 10 / 64, 20 / 64, 20 / 64], [47 / 64, 47 / 64, 34 / 64, 34 / 64]])
+    b["context_boxes"] = b["context_boxes"].expand(n, k, 4).clone()
     b["context_valid"] = torch.tensor([[True, True], [True, False], [False, False], [False, True]])
     return b
 
@@ -145,28 +150,37 @@ def test_context_loss_by_hand_and_gradients():
     batch = _context_batch()
     task.eval()                           # no dropout: the two computations must agree
     out = task.model(batch["image"], batch["text_ids"], batch["text_mask"])
-    got = context_mask_loss(task.model, out["pixel_emb"], batch, focal=4.0, dice=3.0)
-    logits, targets = [], []
+    got = context_losses(task.model, out, batch, focal=4.0, dice=3.0, l1=2.0, giou=0.5)
+    logits, targets, boxes, box_targets = [], [], [], []
     for b, k in [(0, 0), (0, 1), (1, 0), (3, 1)]:
         ids, m = batch["context_ids"][b, k][None], batch["context_text_mask"][b, k][None]
         cls = task.model.encode_text(ids, m)[:, 0]
         logits.append(task.model.res_head.logits(out["pixel_emb"][b][None], cls, (64, 64)))
         targets.append(batch["context_masks"][b, k][None].float())
+        boxes.append(task.model.rec_head(out["visual"][b][None], cls, out["grid"])[0])
+        box_targets.append(batch["context_boxes"][b, k][None])
     logits, targets = torch.cat(logits), torch.cat(targets)
-    want = 4.0 * focal_loss(logits, targets) + 3.0 * dice_loss(logits, targets)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    # the term trains the text encoder, the mask head and the backbone
+    want_mask = 4.0 * focal_loss(logits, targets) + 3.0 * dice_loss(logits, targets)
+    l1, giou = box_losses_per_sample(torch.cat(boxes), torch.cat(box_targets))
+    want_box = 2.0 * l1.mean() + 0.5 * giou.mean()
+    torch.testing.assert_close(got["context_mask"], want_mask, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["context_box"], want_box, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["context"], want_mask + want_box, rtol=1e-4, atol=1e-5)
+    mask_only = context_losses(task.model, out, batch, focal=4.0, dice=3.0)
+    assert mask_only["context_box"].item() == 0.0
+    torch.testing.assert_close(mask_only["context"], want_mask, rtol=1e-4, atol=1e-5)
+    # the term trains the text encoder, both heads and the backbone
     task.zero_grad()
     task.train()
-    got.backward()
-    for name in ("model.text.", "model.res_head.", "model.vision.vit."):
+    got["context"].backward()
+    for name in ("model.text.", "model.res_head.", "model.rec_head.", "model.vision.vit."):
         grads = [p.grad for n, p in task.named_parameters() if n.startswith(name) and p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), name
     # the task adds it at loss.context; no valid context: zero, still differentiable
     terms = task(batch)
     assert "context" in terms and terms["context"] > 0
     batch["context_valid"][:] = False
-    none = context_mask_loss(task.model, out["pixel_emb"], batch, focal=4.0, dice=3.0)
+    none = context_losses(task.model, out, batch, focal=4.0, dice=3.0, l1=1.0, giou=1.0)["context"]
     assert none.item() == 0.0 and none.requires_grad
 
 
