@@ -13,7 +13,7 @@ and wall time, beside the language-blind references computed from the annotation
 shards.synthetic) and prints gRefCOCO's metrics (gIoU, cIoU, N-acc, T-acc, Prec@(F1=1, IoU>=0.5)) beside REC
 (one-target expressions) and mIoU, e.g. the multi-instance head against the one-instance one:
 
-    python bench/learning.py --dataset grefcoco model.head=mdetr --vs model.head=vglaw
+    python bench/learning.py --dataset grefcoco model.head=mdetr loss.context=0 data.context_refs=0 --vs model.head=vglaw
 
 `--vs OVERRIDES...` runs a second setting (the same config, the common overrides, then these) at the same time,
 one process each with `--threads` threads (default 1 each), on the same data and seed, so two choices are

@@ -244,7 +244,8 @@ class FinetuneConfig:
             raise ConfigError(f"loss.context={self.loss.context} and data.context_refs={self.data.context_refs}: "
                               "set both (the loss reads the other objects the data loads) or neither")
         if self.loss.context > 0 and self.model.head != "vglaw":
-            raise ConfigError("loss.context needs the one-instance head's mask (model.head: vglaw)")
+            raise ConfigError("loss.context needs the one-instance head's mask and box (model.head: vglaw); with "
+                              "model.head=mdetr add loss.context=0 data.context_refs=0")
         parts = self.init_parts
         if (not isinstance(parts, list) or not parts or any(p not in INIT_PARTS for p in parts)
                 or len(set(parts)) != len(parts)):
