@@ -135,9 +135,10 @@ class GroundingLossConfig:
     cal_tau_pixel: float = 0.07             # tau_1 of the pixel-to-pixel InfoNCE
     cal_tau_text: float = 0.07              # tau_2 of the pixel-to-text InfoNCE
     cal_pixels: int = 512                   # pixels drawn per class (object / background) and sample; 0 = all
-    context: float = 0.0                    # the mask loss (focal + dice at the weights above) of the image's other
-                                            # objects, each from its own expression on the item's pixel embeddings
-                                            # (finetune/context_loss.py; needs data.context_refs; 0: off)
+    context: float = 0.0                    # the mask (focal + dice) and box (L1 + GIoU) losses, at the weights above,
+                                            # of the image's other objects, each from its own expression on the
+                                            # item's backbone pass (finetune/context_loss.py; needs
+                                            # data.context_refs; 0: off)
     context_box: bool = True                # loss.context also scores the LAP head's box for each of them (L1 + GIoU)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -153,8 +154,9 @@ class GroundingLossConfig:
 
     def validate(self) -> None:
         check_min("loss", self, {"l1": 0.0, "giou": 0.0, "focal": 0.0, "dice": 0.0, "mask_grounding": 0.0,
-                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "context": 0.0, "cal_pixels": 0, "token": 0.0, "align": 0.0,
-                                 "no_object": 0.0, "select": 0.0, "cost_token": 0.0, "cost_l1": 0.0, "cost_giou": 0.0})
+                                 "rac": 0.0, "mrc": 0.0, "cal": 0.0, "context": 0.0, "cal_pixels": 0, "token": 0.0,
+                                 "align": 0.0, "no_object": 0.0, "select": 0.0, "cost_token": 0.0, "cost_l1": 0.0,
+                                 "cost_giou": 0.0})
         if not self.align_temperature > 0:
             raise ConfigError(f"loss.align_temperature must be > 0, got {self.align_temperature}")
         if not 0.0 <= self.mrc_momentum < 1.0:

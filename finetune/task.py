@@ -4,7 +4,7 @@
         [+ rac * L_rac + mrc * L_mrc + cal * L_CAL + context * L_context]
     (defaults 1, 1, 4, 4, 1; the bracketed terms are off unless configured: AttBalance's region attention
     constraint and momentum constraint on the LAP maps (finetune/attbalance.py, finetune/momentum.py), MagNet's
-    cross-modal alignment loss (finetune/cal.py), the other objects' masks from their own expressions
+    cross-modal alignment loss (finetune/cal.py), the other objects' masks and boxes from their own expressions
     (finetune/context_loss.py)). With `loss.dat` the box terms become AttBalance's
     per-sample re-weighted `dat_box = mean_b W_b * (l1 * L1_b + giou * GIoU_b)` (finetune/dat.py); `l1` and
     `giou` are still logged unweighted.
