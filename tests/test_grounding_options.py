@@ -178,6 +178,27 @@ def test_cal_matches_a_loop_implementation():
     assert valid.tolist() == [False, False]
 
 
+def test_cal_draw_is_trimmed_to_the_largest_class_without_changing_the_loss():
+    from finetune.cal import _draw
+
+    member = torch.zeros(3, 40, dtype=torch.bool)
+    member[0, [1, 5, 9]] = True
+    member[1, 10:16] = True                                   # the most members: 6
+    idx, valid = _draw(member, 32)
+    assert idx.shape == (3, 6)                                # not 32: the other columns could only be masked out
+    for r in range(3):                                        # every member drawn, each once
+        assert sorted(idx[r][valid[r]].tolist()) == member[r].nonzero().flatten().tolist()
+    # the loss with a cap above every class's size equals the loss over all pixels (the draw only reorders them)
+    g = torch.Generator().manual_seed(1)
+    f, t = torch.randn(2, 30, 8, generator=g), torch.randn(2, 8, generator=g)
+    pos = torch.zeros(2, 30, dtype=torch.bool)
+    pos[0, :4], pos[1, 7:9] = True, True
+    full = cal_terms(f, pos, t, 0.1, 0.2, max_pixels=0)
+    capped = cal_terms(f, pos, t, 0.1, 0.2, max_pixels=64)
+    for a, b in zip(full, capped):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
 def test_cal_loss_falls_when_trained():
     torch.manual_seed(0)
     task = build_task(tiny_config(**{"loss.cal": 1.0, "loss.cal_pixels": 0, "model.mask_grounding.enabled": False}))
