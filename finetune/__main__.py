@@ -66,14 +66,15 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.run.seed)             # identical initial weights on every rank
     task = build_task(cfg, tokenizer)
     if cfg.init_from:
-        loaded = load_pretrained(task.model, cfg.init_from, cfg.init_parts)
+        loaded = load_pretrained(task.model, cfg.init_from, cfg.init_parts, cfg.init_shrink)
         print(f"[finetune] init_from {cfg.init_from}: " + ", ".join(f"{k} {n} tensors" for k, n in loaded.items()),
               flush=True)
     info = du.discover()
     d = cfg.data
     max_targets = cfg.model.mdetr.queries if cfg.model.head == "mdetr" else 0     # every target, for matching
     dataset = GroundingDataset(str(train_dir), tokenizer, train=True, image_size=d.image_size, max_len=d.max_len,
-                               seed=cfg.run.seed, max_targets=max_targets, context_refs=d.context_refs)
+                               seed=cfg.run.seed, max_targets=max_targets, context_refs=d.context_refs,
+                               context_per_object=d.context_per_object)
     skipped = {k: v for k, v in sorted(dataset.skips.items()) if v}
     if skipped and info.rank == 0:      # e.g. no-target expressions a one-instance head cannot train on
         print(f"{train_dir}: {len(dataset)} training expressions; skipped: "

@@ -65,6 +65,28 @@ class LawViT(nn.Module):
     def embed_dim(self) -> int:
         return self.vit.embed_dim
 
+    def tap_stem(self, strides: Sequence[int]) -> list[int]:
+        """Keep the conv stem's feature maps at these strides from every pass (forward hooks; `stem_maps` holds the
+        latest pass's, in this order) for the mask head's skip connections. Returns their widths. ValueError when
+        the ViT has no conv stem or the stem has no map at a stride."""
+        from pretrain.encoders import conv_stem_maps
+
+        maps = conv_stem_maps(self.vit)
+        missing = [s for s in strides if s not in maps]
+        if missing:
+            raise ValueError(f"the ViT's patch embedding has no conv stem map at stride {missing[0]} "
+                             f"(conv stem strides: {sorted(maps) or 'no conv stem'})")
+        self.stem_maps: list[torch.Tensor | None] = [None] * len(strides)
+
+        def keep(i: int):
+            def hook(_module, _inputs, output):
+                self.stem_maps[i] = output
+            return hook
+
+        for i, s in enumerate(strides):
+            maps[s][0].register_forward_hook(keep(i))
+        return [maps[s][1] for s in strides]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -64,10 +64,23 @@ def adopt_pretrained_architecture(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
+def shrink_towards(module: torch.nn.Module, fresh: dict[str, torch.Tensor], keep: float) -> None:
+    """Every floating-point tensor of `module` (parameters and buffers) <- keep * itself + (1 - keep) * its value in
+    `fresh` (the module's own random initialisation): Ash & Adams' shrink-and-perturb warm start (NeurIPS 2020),
+    with the fresh initialisation as the perturbation. Integer buffers (BatchNorm's step counter) are kept."""
+    with torch.no_grad():
+        for name, t in module.state_dict(keep_vars=True).items():
+            if t.is_floating_point():
+                t.mul_(keep).add_(fresh[name].to(t.dtype), alpha=1.0 - keep)
+
+
 def load_pretrained(model: VGLaw, path: str | Path,
-                    parts: tuple[str, ...] | list[str] = ("vision", "text")) -> dict[str, int]:
+                    parts: tuple[str, ...] | list[str] = ("vision", "text"), shrink: float = 1.0) -> dict[str, int]:
     """Initialise the ViT (`vision.*`, position embeddings resampled) and/or the text encoder (`text.*`) of `model`
-    from a pretraining export (`parts`: config `init_parts`). Returns how many tensors each received."""
+    from a pretraining export (`parts`: config `init_parts`). `shrink` < 1 (config `init_shrink`) keeps that
+    fraction of each loaded tensor and takes the rest from the model's fresh initialisation (shrink_towards).
+    Returns how many tensors each received."""
+    fresh = {"vision": copy.deepcopy(model.vision.vit.state_dict()), "text": copy.deepcopy(model.text.state_dict())}
     sd = _load_weights(path)
     vision = {k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")}
     text = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
@@ -83,6 +96,10 @@ def load_pretrained(model: VGLaw, path: str | Path,
             raise ConfigError(f"init_from: text encoder does not fit {path}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
         loaded["text"] = len(text)
+    if shrink < 1.0:
+        for part, module in (("vision", model.vision.vit), ("text", model.text)):
+            if part in parts:
+                shrink_towards(module, fresh[part], shrink)
     return loaded
 
 

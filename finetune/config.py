@@ -93,6 +93,7 @@ class GroundingModelConfig:
     text_pool: str = "cls"                  # the expression vector the heads read: cls (VG-LAW) | mean (of the tokens)
     head_hidden: int = 256
     res_hidden: int = 256
+    res_skip: bool = False                  # the mask head also reads the conv stem's stride-8/4 maps (finetune/heads.py)
     mask_threshold: float = 0.35
     mask_grounding: MaskGroundingConfig = field(default_factory=MaskGroundingConfig)
     attn_layers: list = field(default_factory=list)   # ViT blocks whose tokens get their own LAP map, constrained
@@ -178,10 +179,11 @@ class GroundingDataConfig:
     paired: bool = False                    # batches of expression pairs: one image, two different targets
     context_refs: int = 0                   # up to this many other objects of the image, one expression each, come
                                             # with a training item (shards/context.py; for loss.context)
+    context_per_object: int = 1             # up to this many distinct expressions of each of those objects
 
     def validate(self) -> None:
         check_min("data", self, {"image_size": 16, "max_len": 3, "batch_size": 1, "num_workers": 0,
-                                 "batches_per_epoch": 0, "context_refs": 0})
+                                 "batches_per_epoch": 0, "context_refs": 0, "context_per_object": 1})
         if self.paired and self.batch_size % 2:
             raise ConfigError(f"data.paired needs an even data.batch_size (pairs must not straddle batches), "
                               f"got {self.batch_size}")
@@ -220,6 +222,7 @@ class FinetuneRunConfig(RunConfig):
 class FinetuneConfig:
     init_from: Optional[str] = None         # pretraining out_dir / export dir / .safetensors / DeepSpeed dir; null = scratch
     init_parts: list = field(default_factory=lambda: list(INIT_PARTS))   # what init_from loads: vision, text or both
+    init_shrink: float = 1.0                # < 1: keep this fraction of each loaded tensor, the rest from the fresh init
     backbone_lr_mult: float = 0.1           # ViT and text encoder: lr x this (paper: 4e-5 vs 4e-4)
     law_lr_mult: float = 1.0                # the language adaptive weight generator: lr x this (paper: 1)
     model: GroundingModelConfig = field(default_factory=GroundingModelConfig)
@@ -245,6 +248,9 @@ class FinetuneConfig:
         if (self.loss.context > 0) != (self.data.context_refs > 0):
             raise ConfigError(f"loss.context={self.loss.context} and data.context_refs={self.data.context_refs}: "
                               "set both (the loss reads the other objects the data loads) or neither")
+        if self.data.context_per_object > 1 and not self.data.context_refs:
+            raise ConfigError(f"data.context_per_object={self.data.context_per_object} needs data.context_refs > 0 "
+                              "(the objects whose expressions it counts)")
         if self.loss.context > 0 and self.model.head != "vglaw":
             raise ConfigError("loss.context needs the one-instance head's mask and box (model.head: vglaw); with "
                               "model.head=mdetr add loss.context=0 data.context_refs=0")
@@ -252,6 +258,9 @@ class FinetuneConfig:
         if (not isinstance(parts, list) or not parts or any(p not in INIT_PARTS for p in parts)
                 or len(set(parts)) != len(parts)):
             raise ConfigError(f"init_parts: expected a non-empty list of distinct {list(INIT_PARTS)}, got {parts!r}")
+        if not 0.0 < self.init_shrink <= 1.0:
+            raise ConfigError(f"init_shrink must be in (0, 1] (the fraction of each pretrained tensor kept), got "
+                              f"{self.init_shrink}")
         for key in ("backbone_lr_mult", "law_lr_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

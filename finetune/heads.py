@@ -106,20 +106,39 @@ class RecHead(nn.Module):
 class ResHead(nn.Module):
     """ConvT(C->hidden, 2, 2) -> LN -> GELU -> ConvT(hidden->C, 2, 2) gives pixel embeddings at 1/4 of the input
     (from /16 tokens); their dot product with the projected [CLS] is the mask logit, bilinearly resized to the
-    input size."""
+    input size.
 
-    def __init__(self, vis_dim: int, text_dim: int | None, hidden: int = 256) -> None:
+    `skip_dims` (model.res_skip; off in VG-LAW): the conv stem's stride-8 and stride-4 feature maps of these widths
+    are added after each upsampling step through 1x1 convs that start at zero (U-Net / FPN lateral connections),
+    so training starts from the paper's head and the mask losses reach the stem's early layers directly."""
+
+    def __init__(self, vis_dim: int, text_dim: int | None, hidden: int = 256,
+                 skip_dims: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.up = nn.Sequential(nn.ConvTranspose2d(vis_dim, hidden, 2, 2), LayerNorm2d(hidden), nn.GELU(),
                                 nn.ConvTranspose2d(hidden, vis_dim, 2, 2))
         # text_dim None: pixel embeddings only (the multi-instance head's queries take the [CLS] vector's place)
         self.text_proj = nn.Linear(text_dim, vis_dim) if text_dim is not None else None
+        self.skips = None
+        if skip_dims is not None:
+            self.skips = nn.ModuleList([nn.Conv2d(skip_dims[0], hidden, 1), nn.Conv2d(skip_dims[1], vis_dim, 1)])
+            for conv in self.skips:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
-    def pixel_embeddings(self, visual: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def pixel_embeddings(self, visual: torch.Tensor, hw: tuple[int, int],
+                         skips: list[torch.Tensor] | None = None) -> torch.Tensor:
         """visual [B,N,C] on grid hw -> pixel embeddings [B,C,4H,4W] (CAL and the multi-instance head read them
-        too)."""
+        too). `skips`: the stride-8 and stride-4 maps [B,c,2H,2W], [B,c',4H,4W] when the head has skip_dims."""
         B, _, C = visual.shape
-        return self.up(visual.transpose(1, 2).reshape(B, C, hw[0], hw[1]))
+        x = visual.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+        if self.skips is None:
+            return self.up(x)
+        if skips is None or len(skips) != 2:
+            raise ValueError("ResHead with skip connections needs the stride-8 and stride-4 stem maps")
+        up1, norm, act, up2 = self.up
+        x = up1(x) + self.skips[0](skips[0].to(x.dtype))
+        return up2(act(norm(x))) + self.skips[1](skips[1].to(x.dtype))
 
     def logits(self, fmap: torch.Tensor, cls: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """pixel embeddings [B,C,h,w], cls [B,d_l] -> mask logits [B, *out_size]."""

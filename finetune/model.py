@@ -27,7 +27,7 @@ class VGLaw(nn.Module):
                  head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
                  lap_geometry: bool = False, rec_detach: bool = False, attn_layers: list[int] = (),
                  cam: CrossModalAlignment | None = None, text_pool: str = "cls", mdetr: nn.Module | None = None,
-                 score_threshold: float = 0.5) -> None:
+                 score_threshold: float = 0.5, res_skip: bool = False) -> None:
         super().__init__()
         if text_pool not in ("cls", "mean"):
             raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
@@ -37,7 +37,9 @@ class VGLaw(nn.Module):
         vis_dim = vision.embed_dim
         self.rec_head = None if mdetr is not None else RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden,
                                                                geometry=lap_geometry, detach=rec_detach)
-        self.res_head = ResHead(vis_dim, None if mdetr is not None else text_dim, hidden=res_hidden)
+        skip_dims = tuple(vision.tap_stem([8, 4])) if res_skip else None      # ValueError without a conv stem
+        self.res_head = ResHead(vis_dim, None if mdetr is not None else text_dim, hidden=res_hidden,
+                                skip_dims=skip_dims)
         self.mdetr = mdetr
         self.mask_threshold = mask_threshold
         # AttBalance's per-layer maps: a LAP map (own query/key) on each listed ViT block's tokens, for the
@@ -70,8 +72,9 @@ class VGLaw(nn.Module):
         visual, hw = self.vision(image, text, text_mask, taps=self.attn_layers or None, out=taps)
         if self.cam is not None:
             visual, text = self.cam(visual, hw, text, text_mask)
+        skips = self.vision.stem_maps if self.res_head.skips is not None else None    # this pass's, from the hooks
         if self.mdetr is not None:  # pred_boxes [B,Q,4], pred_logits [B,Q,L+1], pred_masks [B,Q,S/4,S/4], ...
-            pixel_emb = self.res_head.pixel_embeddings(visual, hw)
+            pixel_emb = self.res_head.pixel_embeddings(visual, hw, skips)
             out = self.mdetr(visual, hw, text, text_mask, pixel_emb)
             return {**out, "grid": hw, "visual": visual, "text": text, "pixel_emb": pixel_emb}
         cls = self.pool_text(text, text_mask)
@@ -79,7 +82,7 @@ class VGLaw(nn.Module):
         if attn_only:
             return [self.rec_head.attention(visual, cls)] + layer_maps
         boxes, attn = self.rec_head(visual, cls, hw)
-        pixel_emb = self.res_head.pixel_embeddings(visual, hw)
+        pixel_emb = self.res_head.pixel_embeddings(visual, hw, skips)
         mask_logits = self.res_head.logits(pixel_emb, cls, tuple(image.shape[-2:]))
         return {"boxes": boxes, "mask_logits": mask_logits, "lap_attn": attn, "grid": hw, "visual": visual,
                 "text": text, "pixel_emb": pixel_emb, "attn_maps": [attn] + layer_maps}

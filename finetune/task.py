@@ -191,6 +191,19 @@ class GroundingTask(nn.Module):
         return self.mask_grounding(text, mask, visual, batch["mask"][:k], batch["bbox"][:k], positions, ids)
 
 
+def _res_skip(cfg: GroundingModelConfig, vision: LawViT) -> bool:
+    """model.res_skip, checked: the skips read a conv stem's stride-8 and stride-4 maps."""
+    if cfg.res_skip:
+        from pretrain.encoders import conv_stem_maps
+
+        strides = sorted(conv_stem_maps(vision.vit))
+        if not {4, 8} <= set(strides):
+            raise ConfigError("model.res_skip reads the conv stem's stride-8 and stride-4 maps: set "
+                              "model.vision.conv_stem (4 widths for a /16 ViT)"
+                              + (f"; this stem has maps at strides {strides}" if strides else ""))
+    return cfg.res_skip
+
+
 def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGLaw:
     """VG-LAW from config: timm ViT (at cfg.vision.img_size) + TextEncoder + LAW + heads (+ MagNet's CAM with
     model.cam, + per-block LAP maps with model.attn_layers), randomly initialised unless cfg.vision.checkpoint /
@@ -223,7 +236,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,
-                 mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold)
+                 mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold, res_skip=_res_skip(cfg, vision))
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

@@ -108,6 +108,24 @@ def add_conv_stem(model: nn.Module, widths: list, img_size: int, keep_patchify: 
     model.patch_embed = SummedEmbed(embed, hybrid) if keep_patchify else hybrid
 
 
+def conv_stem_maps(model: nn.Module) -> dict[int, tuple[nn.Module, int]]:
+    """{stride: (layer, channels)} of a ViT's conv stem (model.vision.conv_stem, added to the patchify layer or in
+    its place): for each stride the stem reaches before the patch stride, its last layer at that stride (after
+    BatchNorm + ReLU) and that layer's width. {} without a conv stem."""
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    embed = getattr(model, "patch_embed", None)
+    hybrid = embed.stem if isinstance(embed, SummedEmbed) else embed
+    stem = getattr(hybrid, "backbone", None)
+    if not isinstance(stem, ConvStem):
+        return {}
+    maps, stride = {}, 1
+    for layer in list(stem)[:-1]:                       # the last conv is the linear patch-stride projection
+        stride *= int(layer.conv.stride[0])
+        maps[stride] = (layer, int(layer.conv.out_channels))
+    return maps
+
+
 def add_cnn_trunk(model: nn.Module, name: str, img_size: int, keep_patchify: bool = False) -> None:
     """The ViT paper's hybrid (Dosovitskiy et al. 2021, 3.1): the patch embedding reads a CNN's feature map at
     the ViT's patch stride instead of pixels; `name` is any timm CNN with features_only (resnet18 stops after

@@ -6,8 +6,9 @@ them to the model beside the item (`data.context_refs`) lets a loss supervise ho
 match its expression in the backbone pass the item pays for anyway (finetune.context_loss). This module
 chooses them and decides which stay true in the augmented view:
 
-- one expression per other object (distinct ann_id, one-target refs only), objects and sentences drawn from
-  the item's own generator, so the choice repeats for a seed and epoch;
+- one expression per other object (distinct ann_id, one-target refs only), or up to `per_object` distinct ones
+  (`data.context_per_object`: every sentence of every ref to that object is a candidate), objects and
+  sentences drawn from the item's own generator, so the choice repeats for a seed and epoch;
 - after a crop (the item's crop keeps its own target), a context expression stays only when the crop keeps
   its whole box and the expression has no direction word: the same rule that allows the item's own crop
   ("leftmost", "left of the star" may name another object once part of the scene is gone); an attribute
@@ -23,8 +24,10 @@ from shards.schema import is_generalised_ref
 from shards.text import clean_caption, has_direction_words
 
 
-def choose_context(refs: Sequence[dict], ri: int, k: int, rng: np.random.Generator) -> list[tuple[int, str]]:
-    """Up to `k` (ref index, cleaned sentence) pairs naming objects other than refs[ri]'s, one per object."""
+def choose_context(refs: Sequence[dict], ri: int, k: int, rng: np.random.Generator,
+                   per_object: int = 1) -> list[tuple[int, str]]:
+    """(ref index, cleaned sentence) pairs naming up to `k` objects other than refs[ri]'s, up to `per_object`
+    distinct sentences each (one object's pairs next to each other)."""
     own = refs[ri].get("ann_id")
     by_object: dict = {}
     for j, r in enumerate(refs):
@@ -37,8 +40,12 @@ def choose_context(refs: Sequence[dict], ri: int, k: int, rng: np.random.Generat
     groups = list(by_object.values())
     out = []
     for g in rng.permutation(len(groups))[:k]:
-        j, sents = groups[g][int(rng.integers(len(groups[g])))]
-        out.append((j, sents[int(rng.integers(len(sents)))]))
+        if per_object == 1:
+            j, sents = groups[g][int(rng.integers(len(groups[g])))]
+            out.append((j, sents[int(rng.integers(len(sents)))]))
+            continue
+        pool = list({s: (j, s) for j, sents in groups[g] for s in sents}.values())      # distinct sentences
+        out += [pool[i] for i in rng.permutation(len(pool))[:per_object]]
     return out
 
 

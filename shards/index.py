@@ -147,14 +147,15 @@ class GroundingDataset(Dataset):
     (targets_over_max).
 
     With `context_refs` = C > 0 (training only; not with `max_targets`) items also carry up to C other objects of
-    the image, one expression each, through the same view (shards.context): context_ids / context_text_mask
-    int64 [C,L], context_masks uint8 [C,S,S], context_boxes float32 [C,4] (normalised cx, cy, w, h) and
-    context_valid bool [C] (False for padding and for expressions a crop made untrue)."""
+    the image, `context_per_object` = E expressions each, through the same view (shards.context), in n = C * E
+    slots: context_ids / context_text_mask int64 [n,L], context_masks uint8 [n,S,S], context_boxes float32 [n,4]
+    (normalised cx, cy, w, h) and context_valid bool [n] (False for padding and for expressions a crop made
+    untrue)."""
 
     def __init__(self, shard_dir: str | Path, tokenizer: Any, *, train: bool, image_size: int = 448,
                  max_len: int = 40, seed: int = 0, flip_prob: float = 0.5, crop_prob: float = 0.5,
                  mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, decoder: str = "pil", max_targets: int = 0,
-                 context_refs: int = 0) -> None:
+                 context_refs: int = 0, context_per_object: int = 1) -> None:
         p = Path(shard_dir)
         if context_refs and max_targets:
             raise ValueError("context_refs and max_targets cannot be combined (both use the view's extra masks)")
@@ -166,6 +167,8 @@ class GroundingDataset(Dataset):
         self.epoch = 0
         self.max_targets = int(max_targets)
         self.context_refs = int(context_refs) if train else 0
+        self.context_per_object = int(context_per_object)
+        self.context_slots = self.context_refs * self.context_per_object
         self.skips: Counter = Counter()
         self.index = TarIndex(paths)
         self.skips.update(self.index.problems)
@@ -311,7 +314,7 @@ class GroundingDataset(Dataset):
         context = []
         if self.context_refs:     # its own generator: the item's view is the same with or without context
             context = choose_context(im["refs"], ri, self.context_refs,
-                                     np.random.default_rng([self.seed, self.epoch, index, 1]))
+                                     np.random.default_rng([self.seed, self.epoch, index, 1]), self.context_per_object)
             if context:
                 multi = {"extra_boxes": [im["refs"][j]["bbox"] for j, _ in context],
                          "extra_masks": torch.stack([self._mask(im["refs"][j], h, w) for j, _ in context])}
@@ -344,7 +347,7 @@ class GroundingDataset(Dataset):
 
     def _context_item(self, context: list[tuple[int, str]], v: dict, refs: list[dict]) -> dict:
         """The context tensors of one item from its chosen (ref, sentence) pairs and the item's view."""
-        C, L, S = self.context_refs, self.max_len, self.size
+        C, L, S = self.context_slots, self.max_len, self.size
         out = {"context_ids": torch.zeros(C, L, dtype=torch.long),
                "context_text_mask": torch.zeros(C, L, dtype=torch.long),
                "context_masks": torch.zeros(C, S, S, dtype=torch.uint8),

@@ -38,6 +38,28 @@ def test_choose_context_one_expression_per_other_object():
     assert {"blue cat", "a blue cat", "cat", "green bird"} <= texts                   # every sentence can come
 
 
+def test_choose_context_several_expressions_per_object(tmp_path, tok):
+    refs = _refs()
+    for seed in range(20):
+        got = choose_context(refs, 0, 5, np.random.default_rng(seed), per_object=2)
+        by_ann: dict = {}
+        for j, text in got:
+            by_ann.setdefault(refs[j]["ann_id"], []).append(text)
+        # ann 2 has three sentences over two refs (two distinct after cleaning + "cat"): two of them, never twice
+        # the same; ann 3 has one; the item's own object and the generalised ref never come
+        assert sorted(by_ann) == [2, 3] and len(by_ann[2]) == 2 and len(set(by_ann[2])) == 2
+        assert by_ann[3] == ["green bird"]
+        anns = [refs[j]["ann_id"] for j, _ in got]
+        assert anns == sorted(anns, key=anns.index)               # one object's expressions side by side
+    assert len(choose_context(refs, 0, 1, np.random.default_rng(0), per_object=3)) in (1, 3)
+    # the dataset holds context_refs x context_per_object slots
+    d = _train_dir(tmp_path)
+    ds = GroundingDataset(d, tok, train=True, image_size=48, max_len=12, context_refs=3, context_per_object=2)
+    item = ds[0]
+    assert item["context_ids"].shape == (6, 12) and item["context_masks"].shape == (6, 48, 48)
+    assert item["context_valid"].shape == (6,) and item["context_boxes"].shape == (6, 4)
+
+
 def test_kept_in_view():
     box = [10, 10, 5, 5]
     assert kept_in_view("the dog on the left", box, None)                            # no crop: all true
@@ -193,3 +215,7 @@ def test_context_config_errors():
         tiny_config(**{"loss.context": 1.0, "data.context_refs": 2, "model.head": "mdetr"})
     with pytest.raises(ConfigError, match="context_refs"):
         tiny_config(**{"data.context_refs": -1})
+    with pytest.raises(ConfigError, match="data.context_per_object=2 needs data.context_refs"):
+        tiny_config(**{"data.context_per_object": 2})
+    with pytest.raises(ConfigError, match="context_per_object"):
+        tiny_config(**{"data.context_per_object": 0, "data.context_refs": 2, "loss.context": 1.0})

@@ -97,6 +97,19 @@ def test_init_from_pretraining_export(pretrain_export, capsys):
     for bad in ([], ["vision", "vision"], ["fusion"], "vision"):
         with pytest.raises(ConfigError, match="init_parts"):
             from_dict(FinetuneConfig, {**FT, "init_parts": bad})
+    # init_shrink: 0.25 x the export + 0.75 x the model's own fresh weights, in the loaded parts only
+    torch.manual_seed(5)
+    shrunk = build_task(cfg)
+    own = {k: v.clone() for k, v in shrunk.model.vision.vit.state_dict().items()}
+    text_own = {k: v.clone() for k, v in shrunk.model.text.state_dict().items()}
+    load_pretrained(shrunk.model, exp, ["vision"], shrink=0.25)
+    w = "blocks.3.attn.qkv.weight"
+    torch.testing.assert_close(shrunk.model.vision.vit.state_dict()[w], 0.25 * pre_vit.state_dict()[w] + 0.75 * own[w])
+    for k, v in text_own.items():
+        torch.testing.assert_close(shrunk.model.text.state_dict()[k], v)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="init_shrink"):
+            from_dict(FinetuneConfig, {**FT, "init_shrink": bad})
     save_file({"x": torch.zeros(1)}, str(exp.parent / "bad.safetensors"))
     with pytest.raises(ConfigError, match="no 'vision.'"):
         load_pretrained(task.model, exp.parent / "bad.safetensors")
