@@ -80,7 +80,8 @@ def load_pretrained(model: VGLaw, path: str | Path,
     from a pretraining export (`parts`: config `init_parts`). `shrink` < 1 (config `init_shrink`) keeps that
     fraction of each loaded tensor and takes the rest from the model's fresh initialisation (shrink_towards).
     Returns how many tensors each received."""
-    fresh = {"vision": copy.deepcopy(model.vision.vit.state_dict()), "text": copy.deepcopy(model.text.state_dict())}
+    fresh = ({"vision": copy.deepcopy(model.vision.vit.state_dict()), "text": copy.deepcopy(model.text.state_dict())}
+             if shrink < 1.0 else {})
     sd = _load_weights(path)
     vision = {k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")}
     text = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}

@@ -392,15 +392,21 @@ def language_use_notes(out: Path, inits: list[str], splits: list[str]) -> list[s
 
 
 def init_notes(run_dir: Path) -> list[str]:
-    """What the pretrained run took from the pretraining export (its config's init_parts), when not everything."""
+    """What the pretrained run took from the pretraining export (its config's init_parts, when not everything, and
+    init_shrink, when below 1)."""
     from finetune.config import INIT_PARTS
     from pretrain.config import read_yaml
 
-    parts = (read_yaml(run_dir / "config.yaml") or {}).get("init_parts", list(INIT_PARTS))
-    if sorted(parts) == sorted(INIT_PARTS):
-        return []
-    return [f"the pretrained run initialises only its {' and '.join(parts)} encoder from the pretraining export "
-            "(init_parts); the rest starts from scratch"]
+    cfg = read_yaml(run_dir / "config.yaml") or {}
+    parts, shrink = cfg.get("init_parts", list(INIT_PARTS)), cfg.get("init_shrink", 1.0)
+    notes = []
+    if sorted(parts) != sorted(INIT_PARTS):
+        notes.append(f"the pretrained run initialises only its {' and '.join(parts)} encoder from the pretraining "
+                     "export (init_parts); the rest starts from scratch")
+    if shrink < 1.0:
+        notes.append(f"the pretrained weights are loaded as {shrink:g} x pretrained + {1 - shrink:g} x a fresh random "
+                     "initialisation (init_shrink: a warm start that keeps plasticity)")
+    return notes
 
 
 def compare_notes(results: dict) -> list[str]:

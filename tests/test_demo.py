@@ -39,6 +39,7 @@ def test_short_demo_writes_report_with_numbers(tmp_path):
     assert re.search(r"\[finetune\] init_from \S+: vision \d+ tensors, text 0 tensors",
                      (out / "logs" / "finetune_pretrained.log").read_text())
     assert "initialises only its vision encoder from the pretraining export" in report
+    assert "loaded as 0.3 x pretrained + 0.7 x a fresh random initialisation (init_shrink" in report
     for png in ("curves_0.png", "curves_1.png", "predictions.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
