@@ -74,8 +74,8 @@ class LawViT(nn.Module):
         maps = conv_stem_maps(self.vit)
         missing = [s for s in strides if s not in maps]
         if missing:
-            raise ValueError(f"the ViT's patch embedding has no conv stem map at stride {missing[0]} "
-                             f"(conv stem strides: {sorted(maps) or 'no conv stem'})")
+            raise ValueError(f"no conv stem map at stride {missing[0]}: "
+                             + (f"this stem has maps at strides {sorted(maps)}" if maps else "the ViT has no conv stem"))
         self.stem_maps: list[torch.Tensor | None] = [None] * len(strides)
 
         def keep(i: int):

@@ -80,8 +80,8 @@ def load_pretrained(model: VGLaw, path: str | Path,
     from a pretraining export (`parts`: config `init_parts`). `shrink` < 1 (config `init_shrink`) keeps that
     fraction of each loaded tensor and takes the rest from the model's fresh initialisation (shrink_towards).
     Returns how many tensors each received."""
-    fresh = ({"vision": copy.deepcopy(model.vision.vit.state_dict()), "text": copy.deepcopy(model.text.state_dict())}
-             if shrink < 1.0 else {})
+    modules = {"vision": model.vision.vit, "text": model.text}
+    fresh = {p: copy.deepcopy(modules[p].state_dict()) for p in parts} if shrink < 1.0 else {}
     sd = _load_weights(path)
     vision = {k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")}
     text = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
@@ -97,10 +97,8 @@ def load_pretrained(model: VGLaw, path: str | Path,
             raise ConfigError(f"init_from: text encoder does not fit {path}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
         loaded["text"] = len(text)
-    if shrink < 1.0:
-        for part, module in (("vision", model.vision.vit), ("text", model.text)):
-            if part in parts:
-                shrink_towards(module, fresh[part], shrink)
+    for part, init in fresh.items():
+        shrink_towards(modules[part], init, shrink)
     return loaded
 
 

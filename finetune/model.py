@@ -27,7 +27,7 @@ class VGLaw(nn.Module):
                  head_hidden: int = 256, res_hidden: int = 256, mask_threshold: float = 0.35,
                  lap_geometry: bool = False, rec_detach: bool = False, attn_layers: list[int] = (),
                  cam: CrossModalAlignment | None = None, text_pool: str = "cls", mdetr: nn.Module | None = None,
-                 score_threshold: float = 0.5, res_skip: bool = False) -> None:
+                 score_threshold: float = 0.5, skip_dims: tuple[int, int] | None = None) -> None:
         super().__init__()
         if text_pool not in ("cls", "mean"):
             raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
@@ -37,7 +37,7 @@ class VGLaw(nn.Module):
         vis_dim = vision.embed_dim
         self.rec_head = None if mdetr is not None else RecHead(vis_dim, text_dim, k=lap_dim, hidden=head_hidden,
                                                                geometry=lap_geometry, detach=rec_detach)
-        skip_dims = tuple(vision.tap_stem([8, 4])) if res_skip else None      # ValueError without a conv stem
+        # skip_dims: widths of the stem's stride-8 / stride-4 maps that vision.tap_stem([8, 4]) keeps (model.res_skip)
         self.res_head = ResHead(vis_dim, None if mdetr is not None else text_dim, hidden=res_hidden,
                                 skip_dims=skip_dims)
         self.mdetr = mdetr

@@ -191,17 +191,15 @@ class GroundingTask(nn.Module):
         return self.mask_grounding(text, mask, visual, batch["mask"][:k], batch["bbox"][:k], positions, ids)
 
 
-def _res_skip(cfg: GroundingModelConfig, vision: LawViT) -> bool:
-    """model.res_skip, checked: the skips read a conv stem's stride-8 and stride-4 maps."""
-    if cfg.res_skip:
-        from pretrain.encoders import conv_stem_maps
-
-        strides = sorted(conv_stem_maps(vision.vit))
-        if not {4, 8} <= set(strides):
-            raise ConfigError("model.res_skip reads the conv stem's stride-8 and stride-4 maps: set "
-                              "model.vision.conv_stem (4 widths for a /16 ViT)"
-                              + (f"; this stem has maps at strides {strides}" if strides else ""))
-    return cfg.res_skip
+def _skip_dims(cfg: GroundingModelConfig, vision: LawViT) -> tuple[int, int] | None:
+    """model.res_skip: keep the conv stem's stride-8 and stride-4 maps from every pass -> their widths."""
+    if not cfg.res_skip:
+        return None
+    try:
+        return tuple(vision.tap_stem([8, 4]))
+    except ValueError as err:
+        raise ConfigError("model.res_skip reads the conv stem's stride-8 and stride-4 maps: set "
+                          f"model.vision.conv_stem (4 widths for a /16 ViT); {err}") from None
 
 
 def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGLaw:
@@ -236,7 +234,7 @@ def build_model(cfg: GroundingModelConfig, vocab_size: int | None = None) -> VGL
     return VGLaw(text, vision, d_l, lap_dim=cfg.lap_dim, head_hidden=cfg.head_hidden, res_hidden=cfg.res_hidden,
                  mask_threshold=cfg.mask_threshold, lap_geometry=cfg.lap_geometry,
                  rec_detach=cfg.rec_detach, attn_layers=cfg.attn_layers, cam=cam, text_pool=cfg.text_pool,
-                 mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold, res_skip=_res_skip(cfg, vision))
+                 mdetr=mdetr, score_threshold=cfg.mdetr.score_threshold, skip_dims=_skip_dims(cfg, vision))
 
 
 def build_task(cfg: FinetuneConfig, tokenizer=None) -> GroundingTask:

@@ -40,7 +40,7 @@ def choose_context(refs: Sequence[dict], ri: int, k: int, rng: np.random.Generat
     groups = list(by_object.values())
     out = []
     for g in rng.permutation(len(groups))[:k]:
-        if per_object == 1:
+        if per_object == 1:     # the draws of one expression per object, as before per_object existed
             j, sents = groups[g][int(rng.integers(len(groups[g])))]
             out.append((j, sents[int(rng.integers(len(sents)))]))
             continue
